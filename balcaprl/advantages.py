@@ -1,0 +1,114 @@
+"""Advantage estimators for multi-reward captioning RL — pure torch, no trainer state.
+
+Notation: N = prompts × G completions, grouped contiguously (TRL order); K reward functions; r ∈ R^{N×K} with NaN
+where a reward function could not score a completion; w ∈ R^K the reward weights; ε = 1e-4 (TRL and GDPO's code).
+std is Bessel-corrected (N−1) and NaN-aware; a group with fewer than two scored values has an undefined std, and
+the term it would produce counts as 0 — the same as TRL's ``nanstd`` followed by ``nansum``.
+
+- ``grpo`` (GRPO, Shao et al. 2024; summed multi-reward GRPO, the BalCapRL ablation):
+  r_i = Σ_k w_k r_ik,  A_i = (r_i − mean_group r) / (std_group r + ε).
+- ``c_gdpo`` (GDPO, arXiv 2601.05242, Eqs. 4–7; BalCapRL's c-GDPO, arXiv 2605.07394):
+  z_ik = (r_ik − mean_group r_k) / (std_group r_k + ε)   (Eq. 4, each reward normalised inside its group)
+  a_i = Σ_k w_k z_ik                                      (Eq. 7, weights act on normalised advantages)
+  A_i = (a_i − mean_batch a) / (std_batch a + ε)          (Eq. 6, batch normalisation)
+- ``scst`` (self-critical sequence training, Rennie et al. 2017; the baseline of arXiv 2503.01333):
+  A_i = Σ_k w_k r_ik − Σ_k w_k b_ik, with b the rewards of the greedy caption of the same prompt. No std scaling.
+
+Every estimator gives advantage 0 to a completion whose K rewards are all NaN, and never returns NaN or inf.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+ESTIMATORS = ("c_gdpo", "gdpo", "grpo", "scst")
+
+
+def nanstd(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected standard deviation ignoring NaNs; NaN where fewer than two values are present."""
+    if dim is None:
+        values, dim = values.reshape(-1), 0
+    count = (~torch.isnan(values)).sum(dim=dim, keepdim=True)
+    mean = torch.nanmean(values, dim=dim, keepdim=True)
+    squared_deviation_sum = torch.nansum((values - mean) ** 2, dim=dim, keepdim=True)
+    variance = torch.where(count > 1, squared_deviation_sum / (count - 1).clamp(min=1), torch.nan)
+    std = variance.sqrt()
+    return std if keepdim else std.squeeze(dim)
+
+
+def _weighted_sum(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k r_k with NaN terms counted as 0 (TRL's nansum)."""
+    return torch.nansum(rewards * weights, dim=-1)
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    num_generations: int,
+    *,
+    estimator: str = "c_gdpo",
+    weights: Sequence[float] | torch.Tensor | None = None,
+    eps: float = 1e-4,
+    baseline_rewards: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Advantages, shape (N,), from a reward matrix ``rewards`` of shape (N, K); see the module docstring.
+
+    Args:
+        rewards: float tensor (N, K); rows in groups of ``num_generations`` contiguous completions; NaN = unscored.
+        num_generations: G, the completions per prompt.
+        estimator: ``"c_gdpo"`` (alias ``"gdpo"``), ``"grpo"`` or ``"scst"``.
+        weights: K reward weights (default all 1).
+        eps: ε added to every standard deviation.
+        baseline_rewards: (N, K) rewards of each row's greedy caption; required by ``"scst"`` only.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"Unknown advantage estimator {estimator!r}; choose one of {list(ESTIMATORS)}.")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must have shape (N, K), got {tuple(rewards.shape)}.")
+    num_rows, num_rewards = rewards.shape
+    if num_generations < 1 or num_rows % num_generations:
+        raise ValueError(f"{num_rows} reward rows do not split into groups of num_generations={num_generations}.")
+    rewards = rewards.float()
+    if weights is None:
+        weights = torch.ones(num_rewards, device=rewards.device)
+    weights = torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)
+    if weights.shape != (num_rewards,):
+        raise ValueError(f"weights must have {num_rewards} entries (one per reward), got {tuple(weights.shape)}.")
+    unscorable = torch.isnan(rewards).all(dim=1)
+
+    if estimator == "grpo":
+        total = _weighted_sum(rewards, weights)
+        total[unscorable] = torch.nan  # keep unscored rows out of the group baseline
+        grouped = total.view(-1, num_generations)
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        advantages = (grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + eps)
+    elif estimator in ("c_gdpo", "gdpo"):
+        grouped = rewards.view(-1, num_generations, num_rewards)
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        normalized = (grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + eps)  # GDPO Eq. 4
+        combined = _weighted_sum(normalized.view(num_rows, num_rewards), weights)  # GDPO Eq. 7
+        combined[unscorable] = torch.nan
+        advantages = (combined - torch.nanmean(combined)) / (nanstd(combined) + eps)  # GDPO Eq. 6
+    else:  # scst
+        if baseline_rewards is None or baseline_rewards.shape != rewards.shape:
+            shape = None if baseline_rewards is None else tuple(baseline_rewards.shape)
+            raise ValueError(f"scst needs baseline_rewards of shape {tuple(rewards.shape)}, got {shape}.")
+        baseline_rewards = baseline_rewards.to(rewards)
+        advantages = _weighted_sum(rewards, weights) - _weighted_sum(baseline_rewards, weights)
+        # Without a scored greedy caption there is nothing to compare against: no signal, like an unscored sample.
+        unscorable = unscorable | torch.isnan(baseline_rewards).all(dim=1)
+
+    advantages = advantages.reshape(num_rows)
+    advantages = torch.where(unscorable, torch.zeros_like(advantages), advantages)
+    return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def distinct_per_group(advantages: torch.Tensor, num_generations: int, decimals: int = 5) -> float:
+    """Mean number of distinct advantage values per group (rounded to ``decimals``).
+
+    The resolution of the learning signal: summed GRPO maps different reward vectors with the same total to the
+    same advantage (GDPO, arXiv 2601.05242, Sec. 3), which this count makes visible.
+    """
+    grouped = torch.round(advantages.detach().float().cpu().view(-1, num_generations), decimals=decimals)
+    return sum(len(torch.unique(group)) for group in grouped) / grouped.shape[0]

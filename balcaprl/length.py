@@ -1,0 +1,64 @@
+"""Length-conditional reward masking (BalCapRL, arXiv 2605.07394) — pure functions.
+
+ρ = len(caption) / len(reference), with len(reference) the mean length of the row's references. A caption whose ρ
+lies outside [low, high] (bounds inclusive) gets its masked rewards set to 0 — not NaN: inside a group the zero is a
+penalty relative to the captions of reasonable length, which is what keeps RL from trading length for a reward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+LENGTH_UNITS = ("words", "tokens")
+
+
+def word_length(text: str) -> int:
+    """Length in whitespace-separated words."""
+    return len(text.split())
+
+
+def length_ratios(
+    captions: Sequence[str],
+    references: Sequence[str | Sequence[str]],
+    length_fn: Callable[[str], int] = word_length,
+) -> torch.Tensor:
+    """ρ_i = length_fn(captions[i]) / mean(length_fn(r) for r in references[i]), as float64, shape (N,).
+
+    ``references[i]`` is one reference string or a list of them. A row without references, or whose references
+    are all empty, raises a `ValueError` naming the row.
+    """
+    if len(captions) != len(references):
+        raise ValueError(f"{len(captions)} captions but {len(references)} reference lists.")
+    ratios = []
+    for row, (caption, row_references) in enumerate(zip(captions, references)):
+        if isinstance(row_references, str):
+            row_references = [row_references]
+        if row_references is None or len(row_references) == 0:
+            raise ValueError(f"Row {row} has no reference caption; length masking needs at least one per row.")
+        reference_length = sum(length_fn(reference) for reference in row_references) / len(row_references)
+        if reference_length == 0:
+            raise ValueError(f"Row {row}: every reference caption is empty ({list(row_references)!r}).")
+        ratios.append(length_fn(caption) / reference_length)
+    return torch.tensor(ratios, dtype=torch.float64)
+
+
+def length_conditional_mask(ratios: torch.Tensor, low: float = 0.5, high: float = 2.0) -> torch.Tensor:
+    """True where low ≤ ρ ≤ high (the rewards are kept), False where they are masked."""
+    if not low <= high:
+        raise ValueError(f"The length window must have low <= high, got [{low}, {high}].")
+    return (ratios >= low) & (ratios <= high)
+
+
+def apply_length_mask(rewards: torch.Tensor, keep: torch.Tensor, columns: Sequence[int]) -> torch.Tensor:
+    """A copy of ``rewards`` (N, K) with ``columns`` set to 0 on the rows where ``keep`` is False.
+
+    A masked reward becomes 0 even where it was unscored (NaN): the mask decides its value whatever the judge says.
+    """
+    masked = rewards.clone()
+    if len(columns):
+        index = torch.as_tensor(list(columns), dtype=torch.long, device=rewards.device)
+        drop = ~keep.to(rewards.device)
+        masked[:, index] = torch.where(drop.unsqueeze(1), torch.zeros_like(masked[:, index]), masked[:, index])
+    return masked

@@ -1,0 +1,145 @@
+"""`BalCapGRPOTrainer`: TRL's `GRPOTrainer` with BalCapRL's reward masking and advantage estimators.
+
+Generation, the clipped policy loss, KL, PEFT, vLLM and DeepSpeed stay TRL's. This subclass touches two things:
+the reward matrix (length-conditional masking) and the advantages (`balcaprl.advantages.compute_advantages`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from trl import GRPOTrainer
+
+from balcaprl.advantages import compute_advantages, distinct_per_group
+from balcaprl.config import BalCapConfig
+from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
+from balcaprl.rewards import completion_text
+
+
+class BalCapGRPOTrainer(GRPOTrainer):
+    """GRPO trainer for captioning with c-GDPO / GRPO / SCST advantages and length-conditional reward masking.
+
+    Takes the arguments of `trl.GRPOTrainer`; ``args`` must be a `BalCapConfig`. Metrics added to TRL's, every
+    step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group`` (and for SCST
+    ``scst/baseline_reward``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, BalCapConfig):
+            raise TypeError(f"BalCapGRPOTrainer needs args of type BalCapConfig, got {type(self.args).__name__}.")
+        unknown = [name for name in self.args.length_mask_rewards if name not in self.reward_func_names]
+        if unknown:
+            raise ValueError(
+                f"length_mask_rewards names {unknown}, which are not reward functions of this run; "
+                f"the reward functions are {self.reward_func_names}."
+            )
+        self._masked_reward_columns = [self.reward_func_names.index(name) for name in self.args.length_mask_rewards]
+        self._length_fn = word_length if self.args.length_unit == "words" else self._token_length
+        self._last_scored: dict[str, Any] = {}
+
+    def _token_length(self, text: str) -> int:
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """Masks the gathered reward matrix by caption length: TRL's only hook that holds the whole matrix."""
+        rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        column = self.args.reference_column
+        ratios = keep = None
+        if column in inputs[0]:
+            local_ratios = length_ratios(
+                [completion_text(c) for c in completions], [row[column] for row in inputs], self._length_fn
+            )
+            ratios = gather(local_ratios.to(rewards.device))
+            keep = length_conditional_mask(ratios, *self.args.length_mask_window)
+            rewards = apply_length_mask(rewards, keep, self._masked_reward_columns)
+        elif self._masked_reward_columns:
+            raise ValueError(
+                f"Length masking of {self.args.length_mask_rewards} needs the reference column "
+                f"{column!r} (reference_column), but the dataset rows have only {sorted(inputs[0])}. "
+                "Add the column, set reference_column, or set length_mask_rewards to []."
+            )
+        self._last_scored = {"rewards": rewards, "ratios": ratios, "keep": keep, "prompts": prompts}
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        """Replaces TRL's advantages with `compute_advantages` on the masked reward matrix; logs our metrics."""
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        scored = self._last_scored
+        rewards = scored["rewards"]
+        baseline = None
+        if self.args.advantage_estimator == "scst":
+            baseline = self._greedy_baseline_rewards(inputs, scored["prompts"], num_generations)
+            self._metrics[mode]["scst/baseline_reward"].append(
+                torch.nanmean(torch.nansum(baseline * self.reward_weights.to(baseline.device), dim=1)).item()
+            )
+        advantages = compute_advantages(
+            rewards,
+            num_generations,
+            estimator=self.args.advantage_estimator,
+            weights=self.reward_weights.to(rewards.device),
+            baseline_rewards=baseline,
+        )
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        output["advantages"] = advantages[local].to(output["advantages"])
+
+        # TRL logged its own advantages for the completions table; show the ones the loss receives instead.
+        logged = self._logs["advantages"]
+        for _ in range(min(len(advantages), len(logged))):
+            logged.pop()
+        logged.extend(advantages.tolist())
+
+        self._metrics[mode]["advantages/distinct_per_group"].append(distinct_per_group(advantages, num_generations))
+        if scored["ratios"] is not None:
+            self._metrics[mode]["length/ratio_mean"].append(scored["ratios"].mean().item())
+            self._metrics[mode]["length/masked_frac"].append((~scored["keep"]).double().mean().item())
+        return output
+
+    def _greedy_baseline_rewards(self, inputs, prompts, num_generations: int) -> torch.Tensor:
+        """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group."""
+        # Rows of one prompt are contiguous in the global batch; decode once per prompt held by this process.
+        first_global_row = self.accelerator.process_index * len(inputs)
+        group_of_row = [(first_global_row + row) // num_generations for row in range(len(inputs))]
+        first_rows = [row for row in range(len(inputs)) if row == 0 or group_of_row[row] != group_of_row[row - 1]]
+        greedy_ids = self._generate_greedy([prompts[row] for row in first_rows])
+        ids_per_group = dict(zip((group_of_row[row] for row in first_rows), greedy_ids))
+        completion_ids = [ids_per_group[group] for group in group_of_row]
+        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        completions = [[{"role": "assistant", "content": text}] for text in texts]
+        # Reward functions may log per-completion extras; the baseline's must not shift the sampled table.
+        saved_extra, saved_metrics = self._pending_extra_logs, self._pending_metrics
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        try:
+            return self._calculate_rewards(inputs, prompts, completions, completion_ids)
+        finally:
+            self._pending_extra_logs, self._pending_metrics = saved_extra, saved_metrics
+
+    def _generate_greedy(self, prompts: list) -> list[list[int]]:
+        """Greedy decoding through TRL's own transformers generation path (also when training samples with vLLM)."""
+        prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)
+        greedy_config = copy.deepcopy(self.generation_config)
+        greedy_config.do_sample = False
+        for sampling_only in ("temperature", "top_p", "top_k", "min_p"):
+            setattr(greedy_config, sampling_only, None)
+        transformers_path = {"use_vllm": False, "use_transformers_continuous_batching": False}
+        with self._swapped(generation_config=greedy_config, **transformers_path):
+            completion_ids, _ = self._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations=1)
+        return completion_ids
+
+    @contextlib.contextmanager
+    def _swapped(self, **attributes):
+        saved = {name: getattr(self, name) for name in attributes}
+        for name, value in attributes.items():
+            setattr(self, name, value)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)

@@ -1,0 +1,100 @@
+"""Test-only reward functions, dataset and a trainer that records what it computed. No mocks: real TRL code runs."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+
+from balcaprl.config import BalCapConfig
+from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+from balcaprl.rewards import completion_text
+from balcaprl.tiny import tiny_caption_rows
+from balcaprl.trainer import BalCapGRPOTrainer
+
+# Every reference of the toy dataset has exactly this many words, so a caption's length ratio is words / 4.
+REFERENCE_WORDS = 4
+
+
+def toy_dataset(num_rows: int = 8, seed: int = 0) -> Dataset:
+    rows = tiny_caption_rows(num_rows, seed=seed)
+    for row in rows:
+        colour, shape = row["references"][0].rstrip(".").split()[1:]
+        row["references"] = [f"a {colour} {shape} here.", f"one {colour} {shape} centred."]
+        assert all(len(reference.split()) == REFERENCE_WORDS for reference in row["references"])
+    return Dataset.from_list(rows)
+
+
+def mentions_colour(prompts, completions, references, **kwargs):
+    """1 if the caption names the colour of the reference, else 0."""
+    return [float(refs[0].split()[1] in completion_text(c)) for c, refs in zip(completions, references)]
+
+
+def linguistic(prompts, completions, **kwargs):
+    """Stand-in for the linguistic judge: always > 0 for a non-empty caption, None (unscorable) for an empty one."""
+    scores = []
+    for completion in completions:
+        words = completion_text(completion).split()
+        scores.append(None if not words else 0.25 + 0.75 * len(set(words)) / len(words))
+    return scores
+
+
+def sometimes_unscorable(prompts, completions, **kwargs):
+    """A reward that fails on every third completion (None), to exercise NaN handling."""
+    return [None if index % 3 == 0 else len(completion_text(c)) % 7 / 6 for index, c in enumerate(completions)]
+
+
+class RecordingTrainer(BalCapGRPOTrainer):
+    """Keeps, per generation, the reward matrices scored and the advantages produced and received by the loss."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_matrices: list[torch.Tensor] = []
+        self.generated_advantages: list[torch.Tensor] = []
+        self.loss_advantages: list[torch.Tensor] = []
+
+    def _calculate_rewards(self, *args, **kwargs):
+        rewards = super()._calculate_rewards(*args, **kwargs)
+        self.reward_matrices.append(rewards.detach().cpu().clone())
+        return rewards
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        self.generated_advantages.append(output["advantages"].detach().cpu().clone())
+        return output
+
+    def _compute_loss(self, model, inputs):
+        self.loss_advantages.append(inputs["advantages"].detach().cpu().clone())
+        return super()._compute_loss(model, inputs)
+
+
+def make_config(output_dir, **overrides) -> BalCapConfig:
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=8,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return BalCapConfig(**settings)
+
+
+def make_trainer(model_path, output_dir, reward_funcs, trainer_class=RecordingTrainer, **config_overrides):
+    return trainer_class(
+        model=str(model_path),
+        reward_funcs=reward_funcs,
+        args=make_config(output_dir, **config_overrides),
+        train_dataset=toy_dataset(),
+        processing_class=load_processor(str(model_path)),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LORA_TARGETS),
+    )

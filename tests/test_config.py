@@ -1,0 +1,59 @@
+import pytest
+
+from tests.helpers import make_config, make_trainer, mentions_colour
+
+
+class TestBalCapConfig:
+    def test_defaults_follow_the_contract(self, tmp_path):
+        config = make_config(tmp_path)
+        assert config.advantage_estimator == "c_gdpo"
+        assert config.length_mask_rewards == ["linguistic"]
+        assert config.length_mask_window == [0.5, 2.0]
+        assert config.length_unit == "words"
+        assert config.reference_column == "references"
+        assert config.multi_objective_aggregation == "normalize_then_sum"
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("advantage_estimator", "ppo", "advantage_estimator must be one of"),
+            ("length_unit", "chars", "length_unit must be one of"),
+            ("length_mask_window", [2.0, 0.5], "length_mask_window"),
+            ("length_mask_window", [0.5], "length_mask_window"),
+            ("reference_column", "", "reference_column"),
+        ],
+    )
+    def test_invalid_values_name_the_field(self, tmp_path, field, value, message):
+        with pytest.raises(ValueError, match=message):
+            make_config(tmp_path, **{field: value})
+
+    def test_grpo_sets_trl_aggregation_and_needs_group_scaling(self, tmp_path):
+        assert make_config(tmp_path, advantage_estimator="grpo").multi_objective_aggregation == "sum_then_normalize"
+        with pytest.raises(ValueError, match="scale_rewards"):
+            make_config(tmp_path, advantage_estimator="grpo", scale_rewards="batch")
+
+    def test_single_string_mask_reward_becomes_a_list(self, tmp_path):
+        assert make_config(tmp_path, length_mask_rewards="precision").length_mask_rewards == ["precision"]
+
+
+class TestTrainerValidation:
+    def test_masked_reward_must_be_a_reward_function(self, tiny_models, tmp_path):
+        with pytest.raises(ValueError, match=r"length_mask_rewards names \['linguistic'\].*mentions_colour"):
+            make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour])
+
+    def test_trainer_needs_a_balcap_config(self, tiny_models, tmp_path):
+        from trl import GRPOConfig
+
+        from balcaprl.models import load_processor
+        from balcaprl.trainer import BalCapGRPOTrainer
+        from tests.helpers import toy_dataset
+
+        args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", num_generations=2)
+        with pytest.raises(TypeError, match="BalCapConfig"):
+            BalCapGRPOTrainer(
+                model=str(tiny_models["qwen2_5_vl"]),
+                reward_funcs=[mentions_colour],
+                args=args,
+                train_dataset=toy_dataset(),
+                processing_class=load_processor(str(tiny_models["qwen2_5_vl"])),
+            )
