@@ -98,3 +98,6 @@ def make_trainer(model_path, output_dir, reward_funcs, trainer_class=RecordingTr
         processing_class=load_processor(str(model_path)),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LORA_TARGETS),
     )
+
+
+REWARDS_FOR_DISTRIBUTED = [mentions_colour, linguistic]
