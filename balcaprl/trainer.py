@@ -8,17 +8,96 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate.utils import gather
+from torch import nn
 from trl import GRPOTrainer
+from trl.trainer.utils import get_callable_name, is_async_callable
 
 from balcaprl.advantages import compute_advantages, distinct_per_group
 from balcaprl.config import BalCapConfig
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
 from balcaprl.rewards import completion_text
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised, or returned something other than one finite float or None per completion."""
+
+
+class _CheckedReward:
+    """Wraps a reward function so that a bad output or an exception fails with the reward's name and the step.
+
+    NaN and inf are errors, not "unscorable": a reward that cannot score a caption must say so with ``None``; a NaN
+    from arithmetic is a bug that would otherwise be silently dropped from the group statistics.
+    """
+
+    def __init__(self, reward_func: Callable):
+        self.reward_func = reward_func
+        self.__name__ = get_callable_name(reward_func)
+        functools.update_wrapper(self, reward_func, assigned=("__doc__", "__module__", "__qualname__"), updated=())
+
+    def __getattr__(self, name):  # expose the wrapped function's attributes (e.g. its judge client)
+        if name == "reward_func":
+            raise AttributeError(name)
+        return getattr(self.reward_func, name)
+
+    def _where(self, kwargs, completions) -> str:
+        state = kwargs.get("trainer_state")
+        step = f"step {state.global_step}" if state is not None else "an unknown step"
+        return f"at {step}, on a batch of {len(completions)} completions"
+
+    def _failed(self, error: Exception, kwargs, completions) -> RewardFunctionError:
+        return RewardFunctionError(
+            f"Reward function {self.__name__!r} raised {type(error).__name__} {self._where(kwargs, completions)}: "
+            f"{error}"
+        )
+
+    def _check(self, values, kwargs, completions) -> list:
+        where = self._where(kwargs, completions)
+        if values is None or len(values) != len(completions):
+            count = "None" if values is None else len(values)
+            raise RewardFunctionError(
+                f"Reward function {self.__name__!r} returned {count} values {where}; it must return one float (or "
+                "None when it cannot score) per completion."
+            )
+        for index, value in enumerate(values):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RewardFunctionError(
+                    f"Reward function {self.__name__!r} returned {value!r} for completion {index} {where}; return a "
+                    "finite float, or None for a completion it cannot score."
+                )
+        return list(values)
+
+    def __call__(self, prompts, completions, **kwargs):
+        try:
+            values = self.reward_func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as error:
+            raise self._failed(error, kwargs, completions) from error
+        return self._check(values, kwargs, completions)
+
+
+class _AsyncCheckedReward(_CheckedReward):
+    async def __call__(self, prompts, completions, **kwargs):
+        try:
+            values = await self.reward_func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as error:
+            raise self._failed(error, kwargs, completions) from error
+        return self._check(values, kwargs, completions)
+
+
+def checked_reward(reward_func):
+    """`reward_func` wrapped by `_CheckedReward` (async kept async); reward models and model names pass through."""
+    if isinstance(reward_func, (str, nn.Module, _CheckedReward)):
+        return reward_func
+    return (_AsyncCheckedReward if is_async_callable(reward_func) else _CheckedReward)(reward_func)
 
 
 class BalCapGRPOTrainer(GRPOTrainer):
@@ -27,10 +106,17 @@ class BalCapGRPOTrainer(GRPOTrainer):
     Takes the arguments of `trl.GRPOTrainer`; ``args`` must be a `BalCapConfig`. Metrics added to TRL's, every
     step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group`` (and for SCST
     ``scst/baseline_reward``).
+
+    Reward functions are checked: one finite float or None per completion, else `RewardFunctionError` naming the
+    reward and the step; an exception inside a reward is re-raised the same way.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, reward_funcs, args: BalCapConfig | None = None, **kwargs):
+        if reward_funcs is None:
+            reward_funcs = []
+        elif not isinstance(reward_funcs, list):
+            reward_funcs = [reward_funcs]
+        super().__init__(model, [checked_reward(fn) for fn in reward_funcs], args, **kwargs)
         if not isinstance(self.args, BalCapConfig):
             raise TypeError(f"BalCapGRPOTrainer needs args of type BalCapConfig, got {type(self.args).__name__}.")
         unknown = [name for name in self.args.length_mask_rewards if name not in self.reward_func_names]

@@ -104,3 +104,48 @@ def test_masking_without_reference_column_names_the_column(tiny_models, tmp_path
     trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, REWARDS, reference_column="refs", max_steps=1)
     with pytest.raises(ValueError, match="'refs'.*references"):
         trainer.train()
+
+
+def returns_nan(prompts, completions, **kwargs):
+    return [0.5] * (len(completions) - 1) + [float("nan")]
+
+
+def returns_too_few(prompts, completions, **kwargs):
+    return [0.5] * (len(completions) - 1)
+
+
+def raises_inside(prompts, completions, **kwargs):
+    raise KeyError("no such column")
+
+
+async def async_raises_inside(prompts, completions, **kwargs):
+    raise ConnectionError("judge unreachable")
+
+
+async def async_length(prompts, completions, **kwargs):
+    return [float(len(completion_text(c))) for c in completions]
+
+
+class TestRewardChecks:
+    @pytest.mark.parametrize(
+        ("bad_reward", "message"),
+        [
+            (returns_nan, r"'returns_nan' returned nan for completion 7 at step 0, on a batch of 8 completions"),
+            (returns_too_few, r"'returns_too_few' returned 7 values at step 0"),
+            (raises_inside, r"'raises_inside' raised KeyError at step 0, on a batch of 8 completions"),
+            (async_raises_inside, r"'async_raises_inside' raised ConnectionError at step 0.*judge unreachable"),
+        ],
+    )
+    def test_bad_reward_fails_naming_the_reward_and_step(self, tiny_models, tmp_path, bad_reward, message):
+        from balcaprl.trainer import RewardFunctionError
+
+        trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [linguistic, bad_reward], max_steps=1)
+        with pytest.raises(RewardFunctionError, match=message):
+            trainer.train()
+
+    def test_async_reward_keeps_its_name_and_runs(self, tiny_models, tmp_path):
+        trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [linguistic, async_length], max_steps=1)
+        assert trainer.reward_func_names == ["linguistic", "async_length"]
+        trainer.train()
+        log = next(log for log in trainer.state.log_history if "loss" in log)
+        assert log["rewards/async_length/mean"] > 0
