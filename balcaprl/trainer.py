@@ -104,8 +104,9 @@ class BalCapGRPOTrainer(GRPOTrainer):
     """GRPO trainer for captioning with c-GDPO / GRPO / SCST advantages and length-conditional reward masking.
 
     Takes the arguments of `trl.GRPOTrainer`; ``args`` must be a `BalCapConfig`. Metrics added to TRL's, every
-    step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group`` (and for SCST
-    ``scst/baseline_reward``).
+    step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group``, for SCST
+    ``scst/baseline_reward``, and with judge rewards ``judge/requests``, ``judge/retries``, ``judge/failures``,
+    ``judge/cache_hits`` (summed over processes, SCST's greedy-caption scoring included).
 
     Reward functions are checked: one finite float or None per completion, else `RewardFunctionError` naming the
     reward and the step; an exception inside a reward is re-raised the same way.
@@ -127,6 +128,9 @@ class BalCapGRPOTrainer(GRPOTrainer):
             )
         self._masked_reward_columns = [self.reward_func_names.index(name) for name in self.args.length_mask_rewards]
         self._length_fn = word_length if self.args.length_unit == "words" else self._token_length
+        # Judge clients of the reward functions (shared clients counted once), for the judge/* metrics.
+        judges = (getattr(fn, "judge", None) for fn in self.reward_funcs)
+        self._judges = list({id(judge): judge for judge in judges if hasattr(judge, "pop_metrics")}.values())
         self._last_scored: dict[str, Any] = {}
 
     def _token_length(self, text: str) -> int:
@@ -183,10 +187,26 @@ class BalCapGRPOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
 
         self._metrics[mode]["advantages/distinct_per_group"].append(distinct_per_group(advantages, num_generations))
+        self._log_judge_metrics(mode)
         if scored["ratios"] is not None:
             self._metrics[mode]["length/ratio_mean"].append(scored["ratios"].mean().item())
             self._metrics[mode]["length/masked_frac"].append((~scored["keep"]).double().mean().item())
         return output
+
+    def _log_judge_metrics(self, mode: str) -> None:
+        """Adds the judge clients' request / retry / failure / cache-hit counts of this step, summed over processes."""
+        if not self._judges:
+            return
+        totals: dict[str, float] = defaultdict(float)
+        for judge in self._judges:
+            for name, value in judge.pop_metrics().items():
+                totals[name] += value
+        names = sorted(totals)
+        summed = self.accelerator.reduce(
+            torch.tensor([totals[name] for name in names], device=self.accelerator.device), reduction="sum"
+        )
+        for name, value in zip(names, summed.tolist()):
+            self._metrics[mode][name].append(value)
 
     def _greedy_baseline_rewards(self, inputs, prompts, num_generations: int) -> torch.Tensor:
         """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group."""

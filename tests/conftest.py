@@ -7,6 +7,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from balcaprl.tiny import build_tiny_model  # noqa: E402
+from tests.judge_servers import find_judge_gguf, llama_cpp_server, xllamacpp_available  # noqa: E402
 
 # Two threads are slower than one for these tiny models on this 2-core machine.
 torch.set_num_threads(1)
@@ -17,3 +18,22 @@ def tiny_models(tmp_path_factory):
     """Paths of a tiny Qwen2.5-VL and a tiny LLaVA-1.5 checkpoint, built once per session."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: build_tiny_model(family, root / family) for family in ("qwen2_5_vl", "llava")}
+
+
+def _unavailable(reason: str):
+    # In CI the judge server is part of what must be tested: a missing model is a failure there, not a skip.
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must provide it: `make test` downloads it)")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_base_url():
+    """Base URL of a real llama.cpp server (xllamacpp) with SmolLM2-135M-Instruct, shared by the session."""
+    if not xllamacpp_available():
+        _unavailable("xllamacpp is not installed (pip install xllamacpp)")
+    gguf, reason = find_judge_gguf()
+    if gguf is None:
+        _unavailable(reason)
+    with llama_cpp_server(gguf, n_ctx=2048, n_parallel=2, n_predict=160) as base_url:
+        yield base_url

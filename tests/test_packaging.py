@@ -24,6 +24,7 @@ def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "balcaprl/rewards/__init__.py" in names  # the top-level rewards/ folder ships as balcaprl.rewards
     assert "balcaprl/py.typed" in names
+    assert "balcaprl/rewards/prompts/precision_v1.txt" in names  # package data: the judge prompts
     assert not any(name.startswith(("rewards/", "tests/")) for name in names)
 
     venv.create(tmp_path / "venv", with_pip=True)
@@ -34,10 +35,11 @@ def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
     probe = (
         "import importlib.resources, balcaprl, balcaprl.rewards, balcaprl.trainer;"
         "print(balcaprl.__version__, balcaprl.BalCapGRPOTrainer.__name__, balcaprl.rewards.__name__);"
-        "print(importlib.resources.files('balcaprl').joinpath('py.typed').is_file())"
+        "print(importlib.resources.files('balcaprl').joinpath('py.typed').is_file());"
+        "from balcaprl.rewards.judged import load_prompt; print('JSON' in load_prompt('recall_verify'))"
     )
     output = run([python, "-c", probe], cwd=tmp_path).stdout.split()
-    assert output == ["0.1.0", "BalCapGRPOTrainer", "balcaprl.rewards", "True"]
+    assert output == ["0.1.0", "BalCapGRPOTrainer", "balcaprl.rewards", "True", "True"]
     # Installed from the wheel, not from the source tree, and no stray top-level `rewards` package.
     location = run([python, "-c", "import balcaprl; print(balcaprl.__file__)"], cwd=tmp_path).stdout
     assert str(tmp_path / "venv") in location

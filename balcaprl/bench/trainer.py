@@ -1,6 +1,4 @@
-"""Benchmarks, printed as ratios measured in one run: ``python -m balcaprl.bench`` (``make bench``).
-
-``trainer``: step time of `BalCapGRPOTrainer` (c-GDPO + length mask) over TRL's plain `GRPOTrainer`
+"""Step time of `BalCapGRPOTrainer` (c-GDPO + length mask) over TRL's plain `GRPOTrainer`
 (``normalize_then_sum``) at the same config on a tiny model. Runs are interleaved (A B B A ...) and the ratio is
 that of the median step times, so drift of the machine hits both sides alike. The learning rate is 0 so that both
 sample identical captions: the difference is the cost of our hooks (masking, advantages, metrics) alone.
@@ -8,15 +6,11 @@ sample identical captions: the difference is the cost of our hooks (masking, adv
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-
-BENCHMARKS = ["trainer"]
 
 
 def _rewards():
@@ -104,31 +98,3 @@ def bench_trainer(rounds: int = 6, steps: int = 20, warmup: int = 3) -> dict[str
         "balcap_step_s": balcap_median,
         "ratio": balcap_median / trl_median,
     }
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m balcaprl.bench", description=__doc__.split("\n\n")[0])
-    # No `choices=` here: argparse (< 3.12) checks an empty `nargs="*"` list against them and rejects it.
-    parser.add_argument("which", nargs="*", help=f"benchmarks to run, any of {BENCHMARKS} (default: all)")
-    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds per trainer")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
-    args = parser.parse_args(argv)
-    args.which = args.which or list(BENCHMARKS)
-    unknown = sorted(set(args.which) - set(BENCHMARKS))
-    if unknown:
-        parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
-    started = time.perf_counter()
-    if "trainer" in args.which:
-        result = bench_trainer(rounds=args.rounds, steps=args.steps)
-        print(
-            f"trainer step time, tiny Qwen2.5-VL, G=8 x 2 prompts, 16 new tokens, LoRA, {result['steps_each']} steps"
-            f" each, interleaved:\n"
-            f"  TRL GRPOTrainer (normalize_then_sum)      median {result['trl_step_s'] * 1000:7.1f} ms\n"
-            f"  BalCapGRPOTrainer (c_gdpo + length mask)  median {result['balcap_step_s'] * 1000:7.1f} ms\n"
-            f"  ratio BalCap / TRL = {result['ratio']:.3f}   (goal <= 1.02)"
-        )
-    print(f"(bench took {time.perf_counter() - started:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Benchmarks; run ``python -m balcaprl.bench`` (see `balcaprl.bench.__main__`)."""

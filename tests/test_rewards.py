@@ -1,0 +1,303 @@
+"""BalCapRL judge rewards against real loopback servers, the reward registry, and a training run with judges."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections import Counter
+
+import pytest
+from PIL import Image
+
+from balcaprl.judge import JudgeClient
+from balcaprl.rewards import get_reward_funcs, get_reward_weights
+from balcaprl.rewards.judged import LinguisticReward, PrecisionReward, RecallReward, load_prompt
+from balcaprl.testing_server import prompt_text
+from tests.judge_servers import FaultInjectingServer
+
+TRUE_WORDS = {"red", "circle"}  # what the scripted judge "sees" in the image
+
+
+class ScriptedJudge:
+    """A deterministic judge that understands our four prompts, so rewards have exact expected values."""
+
+    def __init__(self):
+        self.calls = Counter()
+
+    @staticmethod
+    def quoted(text: str) -> str:
+        return re.search(r'"""(.*?)"""', text, flags=re.DOTALL).group(1)
+
+    def __call__(self, messages) -> str:
+        import json
+
+        text = prompt_text(messages)
+        if "atomic assertions" in text:
+            self.calls["precision"] += 1
+            claims = [c.strip() for c in self.quoted(text).split(" and ") if c.strip()]
+            assertions = [
+                {"text": c, "verified": bool(TRUE_WORDS & set(c.split())), "pointable": "atmosphere" not in c}
+                for c in claims
+            ]
+            return json.dumps({"assertions": assertions})
+        if "atomic units" in text:
+            self.calls["decompose"] += 1
+            return json.dumps({"units": [u.strip() for u in self.quoted(text).split(" and ")]})
+        if "numbered list of facts" in text:
+            self.calls["verify"] += 1
+            caption = self.quoted(text)
+            units = re.findall(r"^\d+\. (.*)$", text, flags=re.MULTILINE)
+            return json.dumps({"covered": [unit.split()[-1] in caption for unit in units]})
+        if "Rate the writing" in text:
+            self.calls["linguistic"] += 1
+            words = self.quoted(text).split()
+            repeated = any(a == b for a, b in zip(words, words[1:]))
+            return json.dumps({"clarity": 5, "fluency": 1 if repeated else 5, "coherence": 3})
+        raise AssertionError(f"unexpected prompt: {text[:200]}")
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def scripted_server():
+    judge = ScriptedJudge()
+    server = FaultInjectingServer(judge, validate_images=True, fails_permanently=lambda m: "FAIL" in prompt_text(m))
+    with server:
+        server.judge = judge
+        yield server
+
+
+def judge_for(server, **kwargs) -> JudgeClient:
+    return JudgeClient(server.base_url, "scripted", backoff_base_s=0.001, backoff_max_s=0.01, max_retries=1, **kwargs)
+
+
+def image():
+    return Image.new("RGB", (32, 32), (200, 30, 30))
+
+
+class TestPrecision:
+    def test_exact_score_image_sent_and_subscores_logged(self, scripted_server):
+        reward = PrecisionReward(judge_for(scripted_server))
+        extras = {}
+        captions = ["a red circle and a blue square and a warm atmosphere", "a red circle", ""]
+        scores = run(
+            reward(
+                prompts=[None] * 3,
+                completions=[[{"role": "assistant", "content": c}] for c in captions],
+                image=[image()] * 3,
+                log_extra=lambda column, values: extras.setdefault(column, values),
+            )
+        )
+        assert scores == [pytest.approx(1 / 3), 1.0, 0.0]
+        assert extras == {"precision/assertions": [3, 1, 0], "precision/passing": [1, 1, 0]}
+        assert scripted_server.judge.calls["precision"] == 2  # the empty caption costs no call
+        assert scripted_server.fault_counts["bad_image"] == 0  # the server validated the OpenAI image parts
+        content = scripted_server.bodies[0]["messages"][-1]["content"]
+        assert content[0]["type"] == "image_url" and content[0]["image_url"]["url"].startswith("data:image/png")
+
+    def test_missing_image_column_is_named(self, scripted_server):
+        reward = PrecisionReward(judge_for(scripted_server))
+        with pytest.raises(ValueError, match="'image'.*references"):
+            run(reward(prompts=[None], completions=["a red circle"], references=[["x"]]))
+
+    def test_failed_judge_call_is_none_and_counted(self, scripted_server):
+        judge = judge_for(scripted_server)
+        scores = run(
+            PrecisionReward(judge)(prompts=[None] * 2, completions=["a red circle", "FAIL"], image=[image()] * 2)
+        )
+        assert scores == [1.0, None]
+        assert judge.failures == 1
+
+
+class TestRecall:
+    def test_exact_recall_and_reference_decomposed_once(self, scripted_server):
+        judge = judge_for(scripted_server)
+        reward = RecallReward(judge)
+        references = [["a red circle and a gray background"]] * 4 + [["one blue square and a small dot"]] * 4
+        captions = ["a red circle", "circle on background", "nothing", ""] + ["blue square", "dot", "square dot", "x"]
+        extras = {}
+        first = run(
+            reward(
+                prompts=[None] * 8,
+                completions=captions,
+                references=references,
+                log_extra=lambda c, v: extras.setdefault(c, v),
+            )
+        )
+        assert first == [0.5, 1.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0]
+        assert extras["recall/units"] == [2] * 8 and extras["recall/covered"] == [1, 2, 0, 0, 1, 1, 2, 0]
+        calls = scripted_server.judge.calls
+        assert calls["decompose"] == 2  # once per distinct reference, not once per rollout
+        assert calls["verify"] == 7  # the empty caption covers nothing without a call
+
+        # The same G x N captions again: zero new decomposition calls.
+        second = run(reward(prompts=[None] * 8, completions=captions, references=references))
+        assert second == first
+        assert calls["decompose"] == 2
+
+    def test_several_references_average(self, scripted_server):
+        reward = RecallReward(judge_for(scripted_server))
+        scores = run(reward(prompts=[None], completions=["red circle"], references=[["a red circle", "a blue dot"]]))
+        assert scores == [0.5]
+
+    def test_failed_decomposition_makes_the_rows_unscorable(self, scripted_server):
+        judge = judge_for(scripted_server)
+        reward = RecallReward(judge)
+        scores = run(
+            reward(prompts=[None] * 3, completions=["a", "b", "red"], references=[["FAIL unit"]] * 2 + [["a red"]])
+        )
+        assert scores == [None, None, 1.0]
+        assert judge.failures == 1  # the failing reference was asked once for the batch, not once per rollout
+        assert "FAIL unit" not in reward.units_by_reference
+
+
+class TestLinguistic:
+    def test_exact_rescaled_mean(self, scripted_server):
+        reward = LinguisticReward(judge_for(scripted_server))
+        extras = {}
+        scores = run(
+            reward(
+                prompts=[None] * 3,
+                completions=["a red circle", "the the red red", ""],
+                log_extra=lambda c, v: extras.setdefault(c, v),
+            )
+        )
+        assert scores == [pytest.approx((13 / 3 - 1) / 4), pytest.approx((3 - 1) / 4), 0.0]
+        assert extras["linguistic/fluency"] == [5, 1, 1]
+
+    def test_thirty_percent_faults_only_permanent_failures_are_none(self):
+        judge = ScriptedJudge()
+        with FaultInjectingServer(
+            judge, fault_rate=0.3, seed=3, hang_s=1.0, max_consecutive_faults=3,
+            fails_permanently=lambda m: "FAIL" in prompt_text(m),
+        ) as server:  # fmt: skip
+            client = JudgeClient(
+                server.base_url, "scripted", timeout=0.3, max_retries=4, max_concurrency=16,
+                backoff_base_s=0.001, backoff_max_s=0.01,
+            )  # fmt: skip
+            captions = [f"caption number {i}" if i % 20 else f"FAIL {i}" for i in range(200)]
+            scores = run(LinguisticReward(client)(prompts=[None] * 200, completions=captions))
+        assert [i for i, s in enumerate(scores) if s is None] == list(range(0, 200, 20))
+        assert all(s == pytest.approx((13 / 3 - 1) / 4) for s in scores if s is not None)
+        assert client.failures == 10 and client.retries > 0
+
+
+def test_prompts_ship_with_the_package():
+    for name in ("precision", "recall_decompose", "recall_verify", "linguistic"):
+        assert "JSON" in load_prompt(name)
+    with pytest.raises(FileNotFoundError, match="v9"):
+        load_prompt("precision", "v9")
+
+
+class TestRegistry:
+    JUDGE = {"judge_base_url": "http://127.0.0.1:9/v1", "judge_model": "judge"}
+
+    def test_builtins_share_one_judge_client(self):
+        funcs = get_reward_funcs(["precision", "recall", "linguistic"], **self.JUDGE)
+        assert [f.__name__ for f in funcs] == ["precision", "recall", "linguistic"]
+        assert funcs[0].judge is funcs[1].judge is funcs[2].judge
+
+    def test_per_reward_judge_override(self):
+        funcs = get_reward_funcs([{"name": "precision", "judge_model": "vision-judge"}, "linguistic"], **self.JUDGE)
+        assert funcs[0].judge.model == "vision-judge" and funcs[1].judge.model == "judge"
+
+    def test_dotted_path_and_factory_with_kwargs_and_weights(self):
+        specs = [
+            "tests.helpers:mentions_colour",
+            {"name": "tests.test_rewards:make_brevity", "max_words": 3, "weight": 0.5},
+            {"name": "length_penalty", "scale": 2.0, "weight": 2},
+        ]
+        funcs = get_reward_funcs(specs)
+        assert [f.__name__ for f in funcs] == ["mentions_colour", "brevity", "length_penalty"]
+        assert funcs[1](prompts=None, completions=["a b", "a b c d e f"]) == [1.0, 0.5]
+        assert funcs[2](prompts=None, completions=["a b c d"], references=[["w w"]]) == [-2.0]
+        assert get_reward_weights(specs) == [1.0, 0.5, 2.0]
+
+    def test_unknown_name_lists_known_ones(self):
+        with pytest.raises(ValueError, match=r"Unknown reward 'bleu'.*\['cider_d', 'length_penalty'"):
+            get_reward_funcs(["bleu"])
+
+    def test_bad_import_and_bad_kwargs(self):
+        with pytest.raises(ValueError, match="cannot import 'no_such_pkg.rewards:fn'"):
+            get_reward_funcs(["no_such_pkg.rewards:fn"])
+        with pytest.raises(ValueError, match="'linguistic'.*bad keyword"):
+            get_reward_funcs([{"name": "linguistic", "colour": "red"}], **self.JUDGE)
+
+    def test_judge_rewards_need_judge_keys(self):
+        with pytest.raises(ValueError, match="judge_base_url"):
+            get_reward_funcs(["recall"])
+
+    def test_cider_d_needs_the_training_references(self):
+        with pytest.raises(ValueError, match="corpus_references"):
+            get_reward_funcs(["cider_d"])
+        (cider,) = get_reward_funcs(["cider_d"], corpus_references=[["a red circle"], ["a blue square"]])
+        assert cider.__name__ == "cider_d"
+
+
+def make_brevity(max_words: int):
+    """A user's reward factory, referenced by dotted path with keyword arguments."""
+
+    def brevity(prompts, completions, **kwargs):
+        return [min(1.0, max_words / max(1, len(str(c).split()))) for c in completions]
+
+    return brevity
+
+
+# ------------------------------------------------------------------------------------------------ real llama.cpp
+
+
+class TestAgainstLlamaCpp:
+    def test_recall_and_linguistic_end_to_end(self, llama_cpp_base_url, tmp_path):
+        recall, linguistic = get_reward_funcs(
+            ["recall", "linguistic"], judge_base_url=llama_cpp_base_url, judge_model="smollm2",
+            judge_cache_dir=str(tmp_path / "cache"), judge_timeout=60, judge_max_retries=1,
+        )  # fmt: skip
+        judge = recall.judge
+        captions = ["A red circle on a gray background.", "Two dogs play in a park."]
+        references = [["A red circle in the middle of a gray image."]] * 2
+        recall_scores = run(recall(prompts=[None] * 2, completions=captions, references=references))
+        linguistic_scores = run(linguistic(prompts=[None] * 2, completions=captions))
+        # SmolLM2-135M is no judge of quality; what is checked is the protocol: schema-constrained answers parse.
+        for score in recall_scores + linguistic_scores:
+            assert score is None or (0.0 <= score <= 1.0 and math.isfinite(score))
+        assert sum(score is not None for score in linguistic_scores) >= 1
+        metrics = judge.pop_metrics()
+        assert metrics["judge/requests"] >= 3
+        assert metrics["judge/failures"] >= sum(score is None for score in linguistic_scores)
+        # Cached on disk: the same scoring again asks the server nothing.
+        run(linguistic(prompts=[None] * 2, completions=captions))
+        again = judge.pop_metrics()
+        assert again["judge/requests"] == 0 and again["judge/cache_hits"] >= sum(
+            s is not None for s in linguistic_scores
+        )
+
+
+def test_balcaprl_training_run_with_judges(tiny_models, tmp_path, llama_cpp_base_url, scripted_server):
+    """precision on the (vision-checking) loopback judge, recall + linguistic on real llama.cpp; c-GDPO + mask."""
+    from tests.helpers import make_trainer
+
+    specs = [
+        {"name": "precision", "judge_base_url": scripted_server.base_url, "judge_model": "scripted"},
+        "recall",
+        "linguistic",
+    ]
+    rewards = get_reward_funcs(
+        specs, judge_base_url=llama_cpp_base_url, judge_model="smollm2", judge_timeout=60, judge_max_retries=1
+    )
+    trainer = make_trainer(
+        tiny_models["qwen2_5_vl"], tmp_path, rewards, max_steps=2, per_device_train_batch_size=4,
+        max_completion_length=6,
+    )  # fmt: skip
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        for name in ("judge/requests", "judge/retries", "judge/failures", "judge/cache_hits"):
+            assert name in log and math.isfinite(log[name])
+        assert log["judge/requests"] > 0
+        assert "rewards/precision/mean" in log and "length/masked_frac" in log
+    assert scripted_server.judge.calls["precision"] > 0
+    assert "precision/assertions" in trainer._logs["extra"]
