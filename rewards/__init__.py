@@ -9,7 +9,9 @@ Built-ins, by registered name (see `get_reward_funcs`):
 
 - ``precision``, ``recall``, ``linguistic``: BalCapRL's judge-based rewards (`balcaprl.rewards.judged`);
 - ``cider_d``: CIDEr-D with document frequencies fixed from the training references (`balcaprl.rewards.cider`);
-- ``length_penalty``: −|ρ − 1|, the linear length-control baseline (`balcaprl.rewards.length_penalty`).
+- ``length_penalty``: −|ρ − 1|, the linear length-control baseline (`balcaprl.rewards.length_penalty`);
+- ``world_precision``, ``world_recall``, ``world_linguistic``: exact analogues of the three judges on the synthetic
+  shapes world, read from its ``scene`` column (`balcaprl.rewards.world`, `balcaprl.world`).
 """
 
 from __future__ import annotations
@@ -104,12 +106,33 @@ def _build_length_penalty(context, clients, scale: float = 1.0):
     return LengthPenalty(scale, context.get("reference_column") or "references")
 
 
+def _build_world_precision(context, clients, scene_column: str = "scene"):
+    from balcaprl.rewards.world import WorldPrecision
+
+    return WorldPrecision(scene_column)
+
+
+def _build_world_recall(context, clients, scene_column: str = "scene", weights: dict | None = None):
+    from balcaprl.rewards.world import WorldRecall
+
+    return WorldRecall(scene_column, weights)
+
+
+def _build_world_linguistic(context, clients):
+    from balcaprl.rewards.world import WorldLinguistic
+
+    return WorldLinguistic()
+
+
 REWARD_BUILDERS: dict[str, Callable[..., Callable]] = {
     "precision": _build_precision,
     "recall": _build_recall,
     "linguistic": _build_linguistic,
     "cider_d": _build_cider_d,
     "length_penalty": _build_length_penalty,
+    "world_precision": _build_world_precision,
+    "world_recall": _build_world_recall,
+    "world_linguistic": _build_world_linguistic,
 }
 
 
