@@ -1,13 +1,20 @@
-"""`BalCapConfig`: TRL's `GRPOConfig` plus the advantage estimator and length-conditional masking of BalCapRL."""
+"""Configuration dataclasses, parsed from recipes by TRL's `TrlParser`.
+
+`BalCapConfig` (TRL's `GRPOConfig` plus BalCapRL's advantage estimator and length-conditional masking),
+`CaptionModelConfig` (TRL's `ModelConfig` plus freezing, LoRA presets, image resolution), `CaptionDataConfig`
+and `RewardConfig` (reward functions and the judge they call).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig
+from trl import GRPOConfig, ModelConfig
 
 from balcaprl.advantages import ESTIMATORS
 from balcaprl.length import LENGTH_UNITS
+
+LORA_PRESETS = ("language_model", "language_model_attention")
 
 # TRL's own aggregation that computes the same advantages as each estimator. `BalCapGRPOTrainer` replaces TRL's
 # advantages anyway; matching them keeps TRL's diagnostics (e.g. `frac_reward_zero_std`) about the same quantity.
@@ -87,3 +94,107 @@ class BalCapConfig(GRPOConfig):
                 f"advantage_estimator='grpo' normalises by the group std (scale_rewards='group'), got "
                 f"scale_rewards={self.scale_rewards!r}; use scale_rewards='group' or another estimator."
             )
+
+
+@dataclass
+class CaptionModelConfig(ModelConfig):
+    r"""TRL's `ModelConfig` (``model_name_or_path``, ``dtype``, ``attn_implementation``, ``use_peft``, ``lora_*``)
+    plus captioning specifics:
+
+    freeze_vision_tower (`bool`, defaults to `True`) / freeze_projector (`bool`, defaults to `True`):
+        Keep the vision tower / the vision-to-language projector frozen. With LoRA, an unfrozen part is trained in
+        full (PEFT ``modules_to_save``); LoRA itself goes on the language model.
+    lora_preset (`str`, defaults to `"language_model"`):
+        LoRA targets when ``lora_target_modules`` is not given: `"language_model"` (attention + MLP projections of
+        the language model) or `"language_model_attention"` (attention projections only).
+    min_pixels / max_pixels (`int`, *optional*):
+        Qwen2.5-VL image resolution bounds passed to its processor.
+
+    ``model_name_or_path`` may also be ``tiny:qwen2_5_vl`` or ``tiny:llava``: a random tiny model built offline
+    (`balcaprl.tiny`), for CPU smoke runs.
+    """
+
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
+    freeze_projector: bool = field(default=True, metadata={"help": "Keep the multimodal projector frozen."})
+    lora_preset: str = field(
+        default="language_model",
+        metadata={"help": "LoRA targets when lora_target_modules is unset.", "choices": list(LORA_PRESETS)},
+    )
+    min_pixels: int | None = field(default=None, metadata={"help": "Qwen2.5-VL processor min_pixels."})
+    max_pixels: int | None = field(default=None, metadata={"help": "Qwen2.5-VL processor max_pixels."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lora_preset not in LORA_PRESETS:
+            raise ValueError(f"lora_preset must be one of {list(LORA_PRESETS)}, got {self.lora_preset!r}.")
+
+
+@dataclass
+class CaptionDataConfig:
+    r"""Where the captions come from (see `balcaprl.data.load_caption_dataset`).
+
+    dataset (`str`): a Hugging Face dataset name or folder, a Karpathy JSON (``dataset_coco.json``), or a JSONL file.
+    dataset_format (`str`, defaults to `"auto"`): `"auto"`, `"hf"`, `"karpathy"` or `"jsonl"`.
+    dataset_split / eval_split: the training split, and an optional evaluation split.
+    image_root: folder relative image paths are resolved against (Karpathy ``filepath/filename``, JSONL paths, path
+        columns of a Hugging Face dataset); defaults to the data file's folder.
+    image_column / caption_column: columns of a Hugging Face dataset.
+    instruction: the captioning instruction in the user turn.
+    max_train_samples / max_eval_samples: keep at most this many images (a seeded random subset).
+    restval_as_train: Karpathy COCO: whether the train split includes ``restval`` (113,287 images) or not.
+    hf_config_name: configuration name of a Hugging Face dataset that has several.
+    on_bad_image: `"error"` (a missing or corrupt image fails, naming row and path) or `"skip"` (dropped, counted).
+    """
+
+    dataset: str | None = field(default=None, metadata={"help": "Dataset name, folder, Karpathy JSON or JSONL."})
+    dataset_format: str = field(
+        default="auto", metadata={"help": "Format of `dataset`.", "choices": ["auto", "hf", "karpathy", "jsonl"]}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder relative image paths resolve against."})
+    image_column: str = field(default="image", metadata={"help": "Image column of a Hugging Face dataset."})
+    caption_column: str = field(default="references", metadata={"help": "Caption column of a Hugging Face dataset."})
+    instruction: str = field(default="Describe this image in detail.", metadata={"help": "Captioning instruction."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on the number of training images."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on the number of evaluation images."})
+    restval_as_train: bool = field(default=True, metadata={"help": "Karpathy COCO: train split includes restval."})
+    hf_config_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset configuration name."})
+    on_bad_image: str = field(
+        default="error", metadata={"help": "Missing/corrupt images: error or skip.", "choices": ["error", "skip"]}
+    )
+
+    def __post_init__(self):
+        if self.dataset_format not in ("auto", "hf", "karpathy", "jsonl"):
+            raise ValueError(f"dataset_format must be auto, hf, karpathy or jsonl, got {self.dataset_format!r}.")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
+
+
+@dataclass
+class RewardConfig:
+    r"""Reward functions and the judge they call (recipe keys of the contract).
+
+    reward_funcs (`list`): registered names (``precision``, ``recall``, ``linguistic``, ``cider_d``,
+        ``length_penalty``, ``world_*``), dotted paths (``my_pkg.rewards:brevity``) or, in YAML, mappings
+        ``{name: ..., weight: ..., kwargs...}``; weights given there fill ``reward_weights``.
+    judge_base_url / judge_model: the OpenAI-compatible judge server and the model it serves.
+    judge_api_key_env: NAME of the environment variable holding the API key (the key never goes in a recipe).
+    judge_max_concurrency / judge_timeout / judge_max_retries / judge_cache_dir: see `balcaprl.judge.JudgeClient`.
+    """
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["precision", "recall", "linguistic"],
+        metadata={"help": "Reward functions: registered names, dotted paths, or {name, weight, ...} mappings."},
+    )
+    judge_base_url: str | None = field(default=None, metadata={"help": "Judge server base URL (…/v1)."})
+    judge_model: str | None = field(default=None, metadata={"help": "Model name served by the judge server."})
+    judge_api_key_env: str | None = field(default=None, metadata={"help": "Env variable holding the judge API key."})
+    judge_max_concurrency: int = field(default=16, metadata={"help": "Judge requests in flight at once."})
+    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds per judge request."})
+    judge_max_retries: int = field(default=4, metadata={"help": "Retries of a failed judge request."})
+    judge_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache of judge answers."})
+
+    def judge_context(self) -> dict:
+        """The ``judge_*`` keys, as `balcaprl.rewards.get_reward_funcs` takes them."""
+        return {key: value for key, value in vars(self).items() if key.startswith("judge_")}

@@ -11,7 +11,9 @@ import importlib.util
 import json
 import os
 from functools import lru_cache
+from pathlib import Path
 
+import torch
 from transformers import AutoConfig, AutoProcessor, ProcessorMixin
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
@@ -61,13 +63,8 @@ def load_processor(model_name_or_path: str, **kwargs) -> ProcessorMixin:
 
     Extra ``kwargs`` go to ``from_pretrained`` (e.g. ``min_pixels`` / ``max_pixels`` for Qwen2.5-VL).
     """
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"{model_name_or_path!r} is a {config.model_type!r} model; "
-            f"balcaprl supports {list(SUPPORTED_MODEL_TYPES)}."
-        )
-    if config.model_type == "qwen2_5_vl" and not torchvision_available():
+    model_name_or_path = resolve_model_path(model_name_or_path)
+    if model_family(model_name_or_path) == "qwen2_5_vl" and not torchvision_available():
         return ImageOnlyQwen2_5_VLProcessor.from_pretrained(model_name_or_path, **kwargs)
     return AutoProcessor.from_pretrained(model_name_or_path, **kwargs)
 
@@ -75,3 +72,122 @@ def load_processor(model_name_or_path: str, **kwargs) -> ProcessorMixin:
 # LoRA on the language model only (attention and MLP projections). The vision towers of both families also have
 # `q_proj`-like names (CLIP) or fused `qkv` layers (Qwen2.5-VL); the `language_model` prefix keeps them frozen.
 LANGUAGE_MODEL_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGET_PRESETS = {
+    "language_model": LANGUAGE_MODEL_LORA_TARGETS,
+    "language_model_attention": r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
+}
+
+# Module names (as they appear in parameter names) of each family's parts, in transformers >= 5.
+VISION_MODULES = {"qwen2_5_vl": "visual", "llava": "vision_tower"}
+PROJECTOR_MODULES = {"qwen2_5_vl": "visual.merger", "llava": "multi_modal_projector"}
+PARTS = ("vision", "projector", "language_model", "lora")
+
+
+def resolve_model_path(model_name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """``tiny:<family>`` → a tiny offline model built (once) under ``cache_dir``; anything else is returned as is."""
+    if not model_name_or_path.startswith("tiny:"):
+        return model_name_or_path
+    from balcaprl.tiny import FAMILIES, build_tiny_model
+
+    family = model_name_or_path.removeprefix("tiny:")
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown tiny model {model_name_or_path!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}.")
+    folder = Path(cache_dir or Path.home() / ".cache" / "balcaprl" / "tiny") / family
+    if not (folder / "config.json").is_file():
+        build_tiny_model(family, folder)
+    return str(folder)
+
+
+def model_family(model_name_or_path: str) -> str:
+    """``"qwen2_5_vl"`` or ``"llava"`` from a checkpoint's config (a clear error for anything else)."""
+    model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{model_name_or_path!r} is a {model_type!r} model; balcaprl supports {list(SUPPORTED_MODEL_TYPES)}."
+        )
+    return model_type
+
+
+def part_of(parameter_name: str, family: str) -> str:
+    """Which part a parameter belongs to: ``vision``, ``projector``, ``language_model`` or ``lora``."""
+    if "lora_" in parameter_name:
+        return "lora"
+    if f"{PROJECTOR_MODULES[family]}." in parameter_name:
+        return "projector"
+    if f"{VISION_MODULES[family]}." in parameter_name:
+        return "vision"
+    return "language_model"
+
+
+def load_policy(model_args, family: str | None = None):
+    """Load the policy for captioning RL / SFT, with the vision tower and projector frozen as configured.
+
+    ``model_args`` is a `balcaprl.config.CaptionModelConfig`. dtype and attention implementation come from it.
+    Freezing matters for full fine-tuning; with LoRA, PEFT freezes the base and `peft_config` decides what trains.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    family = family or model_family(path)
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        revision=model_args.model_revision,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+    frozen_parts = {"vision"} if model_args.freeze_vision_tower else set()
+    if model_args.freeze_projector:
+        frozen_parts.add("projector")
+    for name, parameter in model.named_parameters():
+        if part_of(name, family) in frozen_parts:
+            parameter.requires_grad_(False)
+    return model
+
+
+def peft_config(model_args, family: str):
+    """The LoRA config of a run (None without ``use_peft``): LoRA on the language model, per ``lora_preset``.
+
+    An unfrozen vision tower or projector is trained in full alongside the adapters (PEFT ``modules_to_save``).
+    """
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    modules_to_save = list(model_args.lora_modules_to_save or [])
+    if not model_args.freeze_projector:
+        modules_to_save.append(PROJECTOR_MODULES[family].split(".")[-1])
+    if not model_args.freeze_vision_tower:
+        modules_to_save.append(VISION_MODULES[family])
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or LORA_TARGET_PRESETS[model_args.lora_preset],
+        modules_to_save=modules_to_save or None,
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+        bias="none",
+    )
+
+
+def parameter_breakdown(model: torch.nn.Module, family: str) -> dict[str, dict[str, int]]:
+    """Trainable and total parameter counts per part (vision, projector, language_model, lora)."""
+    counts = {part: {"trainable": 0, "total": 0} for part in PARTS}
+    for name, parameter in model.named_parameters():
+        part = counts[part_of(name, family)]
+        part["total"] += parameter.numel()
+        part["trainable"] += parameter.numel() if parameter.requires_grad else 0
+    return counts
+
+
+def format_parameter_breakdown(counts: dict[str, dict[str, int]]) -> str:
+    """A small table of `parameter_breakdown`, for the start of a run."""
+    lines = [f"{'part':<16}{'trainable':>14}{'total':>14}"]
+    for part, count in counts.items():
+        if count["total"]:
+            lines.append(f"{part:<16}{count['trainable']:>14,}{count['total']:>14,}")
+    trainable = sum(count["trainable"] for count in counts.values())
+    total = sum(count["total"] for count in counts.values())
+    lines.append(f"{'all':<16}{trainable:>14,}{total:>14,}  ({100 * trainable / max(total, 1):.2f}% trainable)")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""The ``balcaprl`` console script.
+
+    balcaprl sft   CONFIG [--key value ...]   stage 1: cross-entropy fine-tuning on the references
+    balcaprl train CONFIG [--key value ...]   stage 2: RL (BalCapRL c-GDPO, GRPO or SCST)
+
+Any recipe key can be overridden after the recipe (``--learning_rate 1e-6``); for several GPUs run the same
+through accelerate: ``accelerate launch --config_file recipes/accelerate/zero2.yaml -m balcaprl.train --config
+CONFIG``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _stage_parser(subparsers, name: str, help_text: str) -> None:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("config", help="recipe YAML, e.g. recipes/qwen2_5_vl_3b/balcaprl.yaml")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="recipe keys to override: --key value ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="balcaprl", description=__doc__.split("\n\n")[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _stage_parser(subparsers, "sft", "Stage 1: supervised (cross-entropy) fine-tuning on reference captions.")
+    _stage_parser(subparsers, "train", "Stage 2: RL fine-tuning (BalCapRL c-GDPO, GRPO or SCST).")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    from balcaprl.train import RecipeError
+
+    try:
+        if args.command == "train":
+            from balcaprl.train import main as run
+        else:
+            from balcaprl.sft import main as run
+        run(["--config", args.config, *args.overrides])
+    except RecipeError as error:
+        sys.exit(f"balcaprl {args.command}: error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Stage 1: ``python -m balcaprl.sft --config recipes/<model>/sft.yaml [--key value ...]`` (``balcaprl sft``).
+
+Cross-entropy fine-tuning on the reference captions with TRL's `SFTTrainer` (the GRPO-captioning paper's stage 1;
+a random policy does not learn caption rewards by RL alone). The loss covers the caption only (TRL's
+prompt-completion form). The checkpoint written to ``output_dir`` is a full model (LoRA adapters merged) with its
+processor, which the RL recipes start from. Stages: parse → seed → checkpoint detection → data → processor →
+model → trainer → train → save.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from balcaprl.config import CaptionDataConfig, CaptionModelConfig
+from balcaprl.train import (
+    RecipeError,
+    apply_thread_settings,
+    last_checkpoint,
+    load_training_data,
+    parse_config,
+    require,
+)
+
+logger = logging.getLogger("balcaprl")
+
+
+@dataclass
+class CaptionSFTConfig(SFTConfig):
+    r"""TRL's `SFTConfig` plus how reference captions become training rows.
+
+    sft_references (`str`, defaults to `"all"`): `"all"`, one row per (image, reference) pair; `"random"`, one row
+        per image with one of its references.
+    """
+
+    sft_references: str = field(
+        default="all", metadata={"help": "Rows per image: all references or one random.", "choices": ["all", "random"]}
+    )
+
+    def __post_init__(self):
+        if self.sft_references not in ("all", "random"):
+            raise ValueError(f"sft_references must be 'all' or 'random', got {self.sft_references!r}.")
+        super().__post_init__()
+
+
+SFT_CONFIG_TYPES = (CaptionDataConfig, CaptionSFTConfig, CaptionModelConfig)
+
+
+def main(argv: Sequence[str] | None = None):
+    """Run the SFT stage of a recipe; returns the trainer."""
+    # 1. parse
+    data_args, training_args, model_args = parse_config(SFT_CONFIG_TYPES, argv)
+    require(model_args.model_name_or_path, "model_name_or_path")
+    require(data_args.dataset, "dataset")
+
+    import transformers
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from balcaprl.data import to_sft
+    from balcaprl.models import (
+        format_parameter_breakdown,
+        load_policy,
+        load_processor,
+        model_family,
+        parameter_breakdown,
+        peft_config,
+        resolve_model_path,
+    )
+
+    # 2. seed, threads, logging
+    set_seed(training_args.seed)
+    apply_thread_settings()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+
+    # 3. checkpoint detection
+    checkpoint = last_checkpoint(training_args)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+
+    # 4. data: one row per (image, reference), loss on the caption only
+    train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
+    train_dataset = to_sft(train_dataset, references=training_args.sft_references, form="prompt_completion")
+    if eval_dataset is not None:
+        eval_dataset = to_sft(eval_dataset, references="random", form="prompt_completion")
+
+    # 5. processor and model
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    model_args.model_name_or_path = model_path
+    family = model_family(model_path)
+    pixels = {key: getattr(model_args, key) for key in ("min_pixels", "max_pixels") if getattr(model_args, key)}
+    processor = load_processor(model_path, **pixels)
+    model = load_policy(model_args, family)
+
+    # 6. trainer
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        peft_config=peft_config(model_args, family),
+    )
+    if trainer.accelerator.is_main_process:
+        breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
+        print(f"Trainable parameters ({family}):\n{breakdown}")
+
+    # 7. train, then save a full checkpoint (LoRA adapters merged) for the RL stage
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if model_args.use_peft and not trainer.is_deepspeed_enabled:
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.accelerator.is_main_process:
+            merged.save_pretrained(training_args.output_dir)
+    else:
+        # Full fine-tuning (ZeRO-3 gathers the weights here); with LoRA under DeepSpeed the adapter is saved and
+        # must be merged offline (`PeftModel.from_pretrained(base, out).merge_and_unload()`) before RL.
+        trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RecipeError as error:
+        sys.exit(f"balcaprl: error: {error}")

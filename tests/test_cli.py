@@ -1,0 +1,87 @@
+"""The two stages through the `balcaprl` console script, as a user types them, on both tiny families."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BALCAPRL = str(Path(sys.executable).parent / "balcaprl")
+
+
+def run_cli(*args, cwd=REPO, timeout=600, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [BALCAPRL, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def world_jsonl(tmp_path_factory):
+    from balcaprl.world import make_split, write_jsonl
+
+    folder = tmp_path_factory.mktemp("world") / "train"
+    write_jsonl(make_split("train", 24, seed=0), folder)
+    return folder / "data.jsonl"
+
+
+def trainer_state(output_dir: Path) -> dict:
+    states = sorted(output_dir.glob("checkpoint-*/trainer_state.json"))
+    return json.loads(states[-1].read_text())
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_sft_then_balcaprl_via_the_cli(tmp_path, world_jsonl, family):
+    sft_dir, rl_dir = tmp_path / "sft", tmp_path / "rl"
+    run_cli(
+        "sft", f"recipes/demo/{family}_sft.yaml",
+        "--dataset", world_jsonl, "--output_dir", sft_dir, "--max_steps", 3, "--per_device_train_batch_size", 4,
+        "--model_name_or_path", f"tiny:{family}",
+    )  # fmt: skip
+    assert (sft_dir / "config.json").is_file() and (sft_dir / "processor_config.json").is_file()
+    result = run_cli(
+        "train", f"recipes/demo/{family}_balcaprl.yaml",
+        "--dataset", world_jsonl, "--model_name_or_path", sft_dir, "--output_dir", rl_dir,
+        "--max_steps", 2, "--logging_steps", 1, "--save_strategy", "steps", "--save_steps", 2,
+    )  # fmt: skip
+    assert "Trainable parameters" in result.stdout and "lora" in result.stdout
+    state = trainer_state(rl_dir)
+    logs = [log for log in state["log_history"] if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        assert {"rewards/world_precision/mean", "length/masked_frac", "advantages/distinct_per_group"} <= set(log)
+    assert (rl_dir / "adapter_model.safetensors").is_file()  # LoRA recipe: the adapter is saved
+
+
+def test_bad_key_fails_before_loading_anything(tmp_path, world_jsonl):
+    result = run_cli(
+        "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", world_jsonl, "--output_dir", tmp_path,
+        "--num_generation", 4, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "num_generation" in result.stderr
+    assert "Loading weights" not in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_unknown_reward_fails_with_the_known_ones(tmp_path, world_jsonl):
+    result = run_cli(
+        "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", world_jsonl, "--output_dir", tmp_path,
+        "--reward_funcs", "world_precision", "bleu", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Unknown reward 'bleu'" in result.stderr and "world_recall" in result.stderr
+    assert "Loading weights" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_dataset_names_the_file(tmp_path):
+    result = run_cli(
+        "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", tmp_path / "none.jsonl",
+        "--output_dir", tmp_path / "out", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "none.jsonl" in result.stderr and "Traceback" not in result.stderr
