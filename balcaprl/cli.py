@@ -2,6 +2,7 @@
 
     balcaprl sft   CONFIG [--key value ...]   stage 1: cross-entropy fine-tuning on the references
     balcaprl train CONFIG [--key value ...]   stage 2: RL (BalCapRL c-GDPO, GRPO or SCST)
+    balcaprl evaluate score|compare ...       caption metrics, judge-based evaluations, reports
 
 Any recipe key can be overridden after the recipe (``--learning_rate 1e-6``); for several GPUs run the same
 through accelerate: ``accelerate launch --config_file recipes/accelerate/zero2.yaml -m balcaprl.train --config
@@ -26,10 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _stage_parser(subparsers, "sft", "Stage 1: supervised (cross-entropy) fine-tuning on reference captions.")
     _stage_parser(subparsers, "train", "Stage 2: RL fine-tuning (BalCapRL c-GDPO, GRPO or SCST).")
+    evaluate = subparsers.add_parser(
+        "evaluate", help="Score captions and write reports (see `balcaprl evaluate --help`).", add_help=False
+    )
+    evaluate.add_argument("arguments", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["evaluate"]:  # its own parser, --help included
+        from balcaprl.evaluate import main as evaluate
+
+        sys.exit(evaluate(argv[1:]))
     args = build_parser().parse_args(argv)
     from balcaprl.train import RecipeError
 

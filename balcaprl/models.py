@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -94,7 +95,13 @@ def resolve_model_path(model_name_or_path: str, cache_dir: str | os.PathLike | N
         raise ValueError(f"Unknown tiny model {model_name_or_path!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}.")
     folder = Path(cache_dir or Path.home() / ".cache" / "balcaprl" / "tiny") / family
     if not (folder / "config.json").is_file():
-        build_tiny_model(family, folder)
+        # Several launched processes may get here at once: each builds aside, the first rename wins.
+        staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+        build_tiny_model(family, staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first (same deterministic build)
+            shutil.rmtree(staging, ignore_errors=True)
     return str(folder)
 
 
