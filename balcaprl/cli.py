@@ -3,6 +3,8 @@
     balcaprl sft   CONFIG [--key value ...]   stage 1: cross-entropy fine-tuning on the references
     balcaprl train CONFIG [--key value ...]   stage 2: RL (BalCapRL c-GDPO, GRPO or SCST)
     balcaprl evaluate score|compare ...       caption metrics, judge-based evaluations, reports
+    balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
+    balcaprl reproduce [--quick]              both papers' claims at small scale (runs/reproduce/results.md)
 
 Any recipe key can be overridden after the recipe (``--learning_rate 1e-6``); for several GPUs run the same
 through accelerate: ``accelerate launch --config_file recipes/accelerate/zero2.yaml -m balcaprl.train --config
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="Score captions and write reports (see `balcaprl evaluate --help`).", add_help=False
     )
     evaluate.add_argument("arguments", nargs=argparse.REMAINDER)
+    for name, text in [("demo", "The CPU demo on the synthetic shapes world."), ("reproduce", "Both papers' claims.")]:
+        subparsers.add_parser(name, help=f"{text} (see `balcaprl {name} --help`).", add_help=False)
     return parser
 
 
@@ -40,6 +44,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         from balcaprl.evaluate import main as evaluate
 
         sys.exit(evaluate(argv[1:]))
+    if argv[:1] == ["demo"]:
+        from balcaprl.demo import main as demo
+
+        return demo(argv[1:])
+    if argv[:1] == ["reproduce"]:
+        from balcaprl.reproduce import main as reproduce
+
+        return reproduce(argv[1:])
     args = build_parser().parse_args(argv)
     from balcaprl.train import RecipeError
 

@@ -48,6 +48,8 @@ class BalCapConfig(GRPOConfig):
         `"words"` (whitespace split) or `"tokens"` (the policy's tokenizer).
     reference_column (`str`, defaults to `"references"`):
         Dataset column holding each row's reference caption(s).
+    max_train_seconds (`float`, *optional*):
+        Stop training (cleanly, as at ``max_steps``) once this much wall-clock time has passed.
     """
 
     advantage_estimator: str = field(
@@ -69,6 +71,9 @@ class BalCapConfig(GRPOConfig):
     reference_column: str = field(
         default="references",
         metadata={"help": "Dataset column holding the reference caption(s) of each row."},
+    )
+    max_train_seconds: float | None = field(
+        default=None, metadata={"help": "Stop training cleanly after this many seconds of wall-clock time."}
     )
 
     def __post_init__(self):

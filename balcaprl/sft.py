@@ -10,6 +10,7 @@ model → trainer → train → save.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from balcaprl.train import (
     load_training_data,
     parse_config,
     require,
+    time_limit_callbacks,
 )
 
 logger = logging.getLogger("balcaprl")
@@ -35,10 +37,14 @@ class CaptionSFTConfig(SFTConfig):
 
     sft_references (`str`, defaults to `"all"`): `"all"`, one row per (image, reference) pair; `"random"`, one row
         per image with one of its references.
+    max_train_seconds (`float`, *optional*): stop training cleanly once this much wall-clock time has passed.
     """
 
     sft_references: str = field(
         default="all", metadata={"help": "Rows per image: all references or one random.", "choices": ["all", "random"]}
+    )
+    max_train_seconds: float | None = field(
+        default=None, metadata={"help": "Stop training cleanly after this many seconds of wall-clock time."}
     )
 
     def __post_init__(self):
@@ -105,6 +111,7 @@ def main(argv: Sequence[str] | None = None):
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config(model_args, family),
+        callbacks=time_limit_callbacks(training_args),
     )
     if trainer.accelerator.is_main_process:
         breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
@@ -122,6 +129,7 @@ def main(argv: Sequence[str] | None = None):
         trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     trainer.accelerator.wait_for_everyone()
     return trainer
 

@@ -66,6 +66,32 @@ def apply_thread_settings() -> None:
         torch.set_num_threads(int(threads))
 
 
+def time_limit_callbacks(training_args) -> list:
+    """A callback stopping training after ``max_train_seconds`` (none when unset)."""
+    if not getattr(training_args, "max_train_seconds", None):
+        return []
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    class StopAfterSeconds(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.deadline = time.monotonic() + training_args.max_train_seconds
+
+        def on_step_end(self, args, state, control, **kwargs):
+            import torch.distributed as dist
+
+            stop = torch.tensor([float(time.monotonic() >= self.deadline)], device=args.device)
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(stop, src=0)  # every process must stop at the same step, or collectives hang
+            if stop.item():
+                logger.info("max_train_seconds reached at step %d; stopping.", state.global_step)
+                control.should_training_stop = True
+
+    return [StopAfterSeconds()]
+
+
 def require(value, key: str) -> None:
     if value in (None, ""):
         raise RecipeError(f"The recipe must set {key!r}.")
@@ -186,6 +212,7 @@ def main(argv: Sequence[str] | None = None):
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config(model_args, family),
+        callbacks=time_limit_callbacks(training_args),
     )
     if trainer.accelerator.is_main_process:
         breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
@@ -196,6 +223,8 @@ def main(argv: Sequence[str] | None = None):
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
+        # the log history (reward curves, metrics) next to the final model, also when no checkpoint was saved
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     return trainer
 
 
