@@ -3,7 +3,7 @@
 Cross-entropy fine-tuning on the reference captions with TRL's `SFTTrainer` (the GRPO-captioning paper's stage 1;
 a random policy does not learn caption rewards by RL alone). The loss covers the caption only (TRL's
 prompt-completion form). The checkpoint written to ``output_dir`` is a full model (LoRA adapters merged) with its
-processor, which the RL recipes start from. Stages: parse → seed → checkpoint detection → data → processor →
+processor, which the RL recipes start from. Stages: parse → seed / checkpoint detection → data → processor and
 model → trainer → train → save.
 """
 
@@ -20,10 +20,11 @@ from trl import SFTConfig
 from balcaprl.config import CaptionDataConfig, CaptionModelConfig
 from balcaprl.train import (
     RecipeError,
-    apply_thread_settings,
-    last_checkpoint,
+    load_model_and_processor,
     load_training_data,
     parse_config,
+    prepare_run,
+    print_parameter_breakdown,
     require,
     time_limit_callbacks,
 )
@@ -63,47 +64,24 @@ def main(argv: Sequence[str] | None = None):
     require(model_args.model_name_or_path, "model_name_or_path")
     require(data_args.dataset, "dataset")
 
-    import transformers
-    from transformers import set_seed
     from trl import SFTTrainer
 
     from balcaprl.data import to_sft
-    from balcaprl.models import (
-        format_parameter_breakdown,
-        load_policy,
-        load_processor,
-        model_family,
-        parameter_breakdown,
-        peft_config,
-        resolve_model_path,
-    )
+    from balcaprl.models import peft_config
 
-    # 2. seed, threads, logging
-    set_seed(training_args.seed)
-    apply_thread_settings()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    # 2. seed, threads, logging, checkpoint detection
+    checkpoint = prepare_run(training_args)
 
-    # 3. checkpoint detection
-    checkpoint = last_checkpoint(training_args)
-    if checkpoint is not None:
-        logger.info("Resuming from %s", checkpoint)
-
-    # 4. data: one row per (image, reference), loss on the caption only
+    # 3. data: one row per (image, reference), loss on the caption only
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
     train_dataset = to_sft(train_dataset, references=training_args.sft_references, form="prompt_completion")
     if eval_dataset is not None:
         eval_dataset = to_sft(eval_dataset, references="random", form="prompt_completion")
 
-    # 5. processor and model
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = model_path
-    family = model_family(model_path)
-    pixels = {key: getattr(model_args, key) for key in ("min_pixels", "max_pixels") if getattr(model_args, key)}
-    processor = load_processor(model_path, **pixels)
-    model = load_policy(model_args, family)
+    # 4. processor and model
+    family, model, processor = load_model_and_processor(model_args)
 
-    # 6. trainer
+    # 5. trainer
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -113,11 +91,9 @@ def main(argv: Sequence[str] | None = None):
         peft_config=peft_config(model_args, family),
         callbacks=time_limit_callbacks(training_args),
     )
-    if trainer.accelerator.is_main_process:
-        breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
-        print(f"Trainable parameters ({family}):\n{breakdown}")
+    print_parameter_breakdown(trainer, family)
 
-    # 7. train, then save a full checkpoint (LoRA adapters merged) for the RL stage
+    # 6. train, then save a full checkpoint (LoRA adapters merged) for the RL stage
     trainer.train(resume_from_checkpoint=checkpoint)
     if model_args.use_peft and not trainer.is_deepspeed_enabled:
         merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()

@@ -2,8 +2,8 @@
 
 The entry point `accelerate launch` runs (``balcaprl train CONFIG`` is the same from the console script). Any
 recipe key can be overridden on the command line (TRL's ``TrlParser``); unknown keys and bad values fail while
-parsing, before any data or model is loaded. Stages, top to bottom: parse → seed → checkpoint detection → data →
-rewards → processor → model → trainer → train → save.
+parsing, before any data or model is loaded. Stages, top to bottom: parse → seed / checkpoint detection → data →
+rewards → processor and model → trainer → train → save. `balcaprl.sft` shares the helpers defined here.
 """
 
 from __future__ import annotations
@@ -158,6 +158,40 @@ def load_training_data(data_args: CaptionDataConfig, seed: int):
     return train, evaluation
 
 
+def prepare_run(training_args) -> str | None:
+    """Seed, threads and logging of a run; returns the checkpoint to resume from (open-r1 style), if any."""
+    import transformers
+    from transformers import set_seed
+
+    set_seed(training_args.seed)
+    apply_thread_settings()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    checkpoint = last_checkpoint(training_args)
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+    return checkpoint
+
+
+def load_model_and_processor(model_args) -> tuple[str, object, object]:
+    """(family, policy, processor) of the recipe's model, frozen and with image resolution as configured."""
+    from balcaprl.models import load_policy, load_processor, model_family, resolve_model_path
+
+    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
+    family = model_family(model_args.model_name_or_path)
+    pixels = {key: getattr(model_args, key) for key in ("min_pixels", "max_pixels") if getattr(model_args, key)}
+    processor = load_processor(model_args.model_name_or_path, **pixels)
+    return family, load_policy(model_args, family), processor
+
+
+def print_parameter_breakdown(trainer, family: str) -> None:
+    from balcaprl.models import format_parameter_breakdown, parameter_breakdown
+
+    if trainer.accelerator.is_main_process:
+        breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
+        print(f"Trainable parameters ({family}):\n{breakdown}")
+
+
 def main(argv: Sequence[str] | None = None):
     """Run the RL stage of a recipe; returns the trainer."""
     # 1. parse (fails on unknown keys or bad values before anything heavy)
@@ -165,45 +199,21 @@ def main(argv: Sequence[str] | None = None):
     require(model_args.model_name_or_path, "model_name_or_path")
     require(data_args.dataset, "dataset")
 
-    import transformers
-    from transformers import set_seed
-
     from balcaprl.data import corpus_references
-    from balcaprl.models import (
-        format_parameter_breakdown,
-        load_policy,
-        load_processor,
-        model_family,
-        parameter_breakdown,
-        peft_config,
-        resolve_model_path,
-    )
+    from balcaprl.models import peft_config
     from balcaprl.trainer import BalCapGRPOTrainer
 
-    # 2. seed, threads, logging
-    set_seed(training_args.seed)
-    apply_thread_settings()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    # 2. seed, threads, logging, checkpoint detection (resume from the newest checkpoint in output_dir)
+    checkpoint = prepare_run(training_args)
 
-    # 3. checkpoint detection (open-r1 style: resume automatically from the newest checkpoint in output_dir)
-    checkpoint = last_checkpoint(training_args)
-    if checkpoint is not None:
-        logger.info("Resuming from %s", checkpoint)
-
-    # 4. data, then rewards (CIDEr-D's document frequencies come from the training references)
+    # 3. data, then rewards (CIDEr-D's document frequencies come from the training references)
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
     reward_funcs = build_reward_funcs(reward_args, training_args, corpus_references(train_dataset))
 
-    # 5. processor and model
-    model_path = resolve_model_path(model_args.model_name_or_path)
-    model_args.model_name_or_path = model_path
-    family = model_family(model_path)
-    pixels = {key: getattr(model_args, key) for key in ("min_pixels", "max_pixels") if getattr(model_args, key)}
-    processor = load_processor(model_path, **pixels)
-    model = load_policy(model_args, family)
+    # 4. processor and model
+    family, model, processor = load_model_and_processor(model_args)
 
-    # 6. trainer
+    # 5. trainer
     trainer = BalCapGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -214,11 +224,9 @@ def main(argv: Sequence[str] | None = None):
         peft_config=peft_config(model_args, family),
         callbacks=time_limit_callbacks(training_args),
     )
-    if trainer.accelerator.is_main_process:
-        breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
-        print(f"Trainable parameters ({family}):\n{breakdown}")
+    print_parameter_breakdown(trainer, family)
 
-    # 7. train and save
+    # 6. train and save
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
