@@ -2,7 +2,8 @@
 
     balcaprl sft   CONFIG [--key value ...]   stage 1: cross-entropy fine-tuning on the references
     balcaprl train CONFIG [--key value ...]   stage 2: RL (BalCapRL c-GDPO, GRPO or SCST)
-    balcaprl evaluate score|compare ...       caption metrics, judge-based evaluations, reports
+    balcaprl evaluate --model M --data SPEC --output-dir DIR [...]   caption a split (resumable), then score it
+    balcaprl evaluate score|compare ...       score a captions file / compare reports
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
     balcaprl reproduce [--quick]              both papers' claims at small scale (runs/reproduce/results.md)
 

@@ -1,9 +1,17 @@
-"""Caption evaluation harness, scoring half: metrics, judge-based evaluations, ``report.json`` / ``report.md`` / plots.
+"""Caption evaluation harness: captions of a dataset split by a model, then metrics, judge-based evaluations,
+``report.json`` / ``report.md`` / plots.
 
-Input: captions already produced, one record per image ``{"id": str, "caption": str, "references": [str, ...],
-"image": PIL image or path (optional)}`` (`load_captions` reads them from JSONL). Entry points:
-`evaluate_captions` (sync) / `evaluate_captions_async`, and `compare_reports` for model-vs-model tables and plots.
-``python -m balcaprl.evaluate score|compare ...`` runs both from the command line (see `main`).
+Generation half: `generate_and_evaluate` loads a split (`balcaprl.data.load_caption_dataset`), captions it with a
+checkpoint or LoRA adapter (`balcaprl.generation.caption_dataset`: batched, greedy or sampled, appended to
+``captions.jsonl`` batch by batch, so an interrupted run resumes where it stopped; the model and settings are
+recorded in ``generation.json`` and a rerun with different ones is refused unless told to overwrite), then scores
+them like the scoring half does.
+
+Scoring half. Input: captions already produced, one record per image ``{"id": str, "caption": str, "references":
+[str, ...], "image": PIL image or path (optional), ...extra columns}`` (`load_captions` reads them from JSONL). Entry
+points: `evaluate_captions` (sync) / `evaluate_captions_async`, and `compare_reports` for model-vs-model tables and
+plots. ``balcaprl evaluate [run|score|compare] ...`` (or ``python -m balcaprl.evaluate``) runs them from the command
+line (see `main`).
 
 Sections of a report (each can be switched off; what is skipped and why is written into the report's notes):
 
@@ -19,6 +27,8 @@ Sections of a report (each can be switched off; what is skipped and why is writt
   same objects and prompts as in training) and b-CapScore = H(P̄, R̄, L̄), the harmonic mean of the three means
   (0 if any is 0). Captions the judge could not score (None) are left out of a mean and counted. Precision needs the
   image; records without one are counted as ``no_image``. The length mask is NOT applied: it is a training device.
+  Any three reward functions can stand in for the judges (``balcap_rewards``; ``--exact-world-judges`` uses the
+  synthetic world's exact rewards of `balcaprl.rewards.world`, which read the records' ``scene`` column).
 - **dcscore**, **captionqa**, **caparena** — judge-based evaluations in the style of the benchmarks the BalCapRL
   paper reports; their functions (`dcscore_section`, `captionqa_section`, `caparena_section`) document how they follow
   and where they differ from the original protocols. Their numbers are "-style": the papers' data, judges and exact
@@ -28,7 +38,8 @@ Every judge call goes through `balcaprl.judge.JudgeClient`, so an interrupted ev
 ``judge_cache_dir`` only pays for the calls that had not been answered.
 
 Files written in ``output_dir``: ``report.json`` (every number, plus per-caption values), ``report.md`` (tables),
-``length.png`` (word counts; ρ with the [0.5, 2] window marked) and ``metrics.png`` (bars, ×100).
+``length.png`` (word counts; ρ with the [0.5, 2] window marked) and ``metrics.png`` (bars, ×100); by the generation
+half also ``captions.jsonl`` and ``generation.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import argparse
 import asyncio
 import atexit
 import datetime
+import inspect
 import json
 import logging
 import math
@@ -47,8 +59,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +78,7 @@ __all__ = [
     "dcscore_section",
     "evaluate_captions",
     "evaluate_captions_async",
+    "generate_and_evaluate",
     "harmonic_mean",
     "java_available",
     "length_section",
@@ -93,20 +106,33 @@ ImageLike = Any  # a PIL image, a path, encoded bytes or a data URL: whatever `i
 # ------------------------------------------------------------------------------------------------------------ records
 
 
+RECORD_KEYS = ("id", "caption", "references", "image")
+# Keyword names a reward function receives from the harness itself; a record's extra column may not take them.
+_REWARD_ARGUMENTS = ("prompts", "completions", "log_extra")
+
+
 @dataclass(frozen=True)
 class _Record:
     id: str
     caption: str
     references: tuple[str, ...]
     image: ImageLike | None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)  # other columns, e.g. a world `scene`
 
 
 def _as_records(captions: Sequence[Mapping[str, Any]], what: str = "captions") -> list[_Record]:
-    """Validated records; ids become strings; errors name the record."""
+    """Validated records; ids become strings; keys besides `RECORD_KEYS` are kept as extra columns (reward
+    functions get them as keyword arguments); errors name the record."""
     records, seen = [], set()
     for index, item in enumerate(captions):
         if isinstance(item, _Record):
-            item = {"id": item.id, "caption": item.caption, "references": item.references, "image": item.image}
+            item = {
+                **item.extra,
+                "id": item.id,
+                "caption": item.caption,
+                "references": item.references,
+                "image": item.image,
+            }
         if not isinstance(item, Mapping) or "id" not in item or "caption" not in item:
             raise ValueError(f"{what}[{index}] must be a mapping with at least 'id' and 'caption', got {item!r:.200}.")
         record_id = str(item["id"])
@@ -121,7 +147,11 @@ def _as_records(captions: Sequence[Mapping[str, Any]], what: str = "captions") -
             references = (references,)
         if not all(isinstance(reference, str) for reference in references):
             raise ValueError(f"{what}: the references of id {record_id!r} must be strings.")
-        records.append(_Record(record_id, caption, tuple(references), item.get("image")))
+        extra = {key: value for key, value in item.items() if key not in RECORD_KEYS}
+        clashing = [key for key in extra if key in _REWARD_ARGUMENTS]
+        if clashing:
+            raise ValueError(f"{what}: id {record_id!r} has keys {clashing}, reserved for reward arguments.")
+        records.append(_Record(record_id, caption, tuple(references), item.get("image"), extra))
     return records
 
 
@@ -154,8 +184,8 @@ def load_captions(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Caption records from a JSONL file, one ``{"id", "caption", "references", "image"?}`` object per line.
 
     ``id`` becomes a string; ``references`` may be one string or a list; ``image`` (optional) is a path, relative
-    paths being resolved against the file's folder (so a captions file can sit next to its images). Errors name the
-    line.
+    paths being resolved against the file's folder (so a captions file can sit next to its images). Other keys (e.g.
+    the ``scene`` graph the exact world rewards read) are kept as they are. Errors name the line.
     """
     folder = Path(path).resolve().parent
     records = []
@@ -163,7 +193,8 @@ def load_captions(path: str | os.PathLike) -> list[dict[str, Any]]:
         missing = [key for key in ("id", "caption") if key not in row]
         if missing:
             raise ValueError(f"{path}, line {number}: missing {missing} (need 'id' and 'caption').")
-        record = {"id": str(row["id"]), "caption": row["caption"], "references": row.get("references") or []}
+        record = {key: value for key, value in row.items() if key not in RECORD_KEYS}
+        record.update(id=str(row["id"]), caption=row["caption"], references=row.get("references") or [])
         if isinstance(record["references"], str):
             record["references"] = [record["references"]]
         image = row.get("image")
@@ -497,53 +528,95 @@ def length_section(captions: Sequence[Mapping[str, Any]], window: tuple[float, f
 # -------------------------------------------------------------------------------------------------- BalCapRL (judge)
 
 
+async def _call_reward(
+    function: Callable, records: Sequence[_Record], rows: Sequence[int]
+) -> tuple[list[float | None], dict[str, dict[int, Any]]]:
+    """Scores of ``records[rows]`` by a TRL reward function (sync or async), as a list over every record (None
+    elsewhere), and what it logged through ``log_extra`` (column → {record index: value}).
+
+    The function gets TRL's arguments: ``prompts``, ``completions`` (the captions), ``log_extra``, and the columns
+    ``image``, ``references`` (the non-empty ones) and every extra column of the records, one entry per caption.
+    """
+    scores: list[float | None] = [None] * len(records)
+    logged: dict[str, dict[int, Any]] = {}
+    if not rows:
+        return scores, logged
+    chosen = [records[index] for index in rows]
+    columns: dict[str, list] = {
+        "image": [record.image for record in chosen],
+        "references": [[reference for reference in record.references if reference.split()] for record in chosen],
+    }
+    for column in dict.fromkeys(key for record in chosen for key in record.extra):
+        columns[column] = [record.extra.get(column) for record in chosen]
+
+    def log_extra(column: str, values: Sequence[Any]) -> None:
+        logged[column] = dict(zip(rows, values))
+
+    captions = [record.caption for record in chosen]
+    found = function(prompts=[None] * len(rows), completions=captions, log_extra=log_extra, **columns)
+    if inspect.isawaitable(found):
+        found = await found
+    found = list(found)
+    if len(found) != len(rows):
+        name = _reward_name(function)
+        raise ValueError(f"The reward {name!r} returned {len(found)} scores for {len(rows)} captions.")
+    for index, score in zip(rows, found):
+        value = None if score is None else float(score)
+        scores[index] = None if value is None or math.isnan(value) else value
+    return scores, logged
+
+
+def _reward_name(function: Any) -> str:
+    return getattr(function, "__name__", type(function).__name__)
+
+
 async def balcap_section(
-    records: Sequence[Mapping[str, Any]], judge: JudgeClient, recall: Any = None
+    records: Sequence[Mapping[str, Any]],
+    judge: JudgeClient | None = None,
+    recall: Any = None,
+    *,
+    rewards: Sequence[Callable] | None = None,
 ) -> dict[str, Any]:
-    """Mean P, R, L by the training rewards (`PrecisionReward`, `RecallReward`, `LinguisticReward`) and b-CapScore.
+    """Mean precision P, recall R, linguistic L and b-CapScore, scored by the training rewards.
+
+    By default the judge rewards (`PrecisionReward`, `RecallReward`, `LinguisticReward` on ``judge``); precision
+    needs the image, so records without one are not scored for it (``precision.no_image``). ``recall`` lets another
+    section share the recall reward object (and its decomposed references).
+
+    ``rewards=(precision, recall, linguistic)`` puts any three TRL reward functions in the judges' place — e.g. the
+    exact rewards of the synthetic world, ``(WorldPrecision(), WorldRecall(), WorldLinguistic())``, which read each
+    record's ``scene`` column. Each is called once on every record with the columns ``image``, ``references`` and
+    the records' extra columns as keyword arguments; no judge is needed. ``scorers`` in the section names them.
 
     b-CapScore = H(P̄, R̄, L̄) over the scored captions of each metric (harmonic mean; 0 if any mean is 0; None if a
     metric scored nothing, e.g. precision when no record has an image). Per caption, ``b_capscore`` is H(P, R, L) of
-    that caption. ``recall`` lets another section share the reward object (and its decomposed references).
+    that caption, and the sub-scores the rewards log (``precision/assertions``, ``world_recall/covered``, ...) are
+    kept.
     """
-    from balcaprl.rewards.judged import LinguisticReward, PrecisionReward, RecallReward
-
     records = _as_records(records)
-    precision = PrecisionReward(judge)
-    recall = recall if recall is not None else RecallReward(judge)
-    linguistic = LinguisticReward(judge)
-    captions = [record.caption for record in records]
-    with_image = [index for index, record in enumerate(records) if record.image is not None]
-    extras: dict[str, list] = {}
+    everything = list(range(len(records)))
+    if rewards is None:
+        from balcaprl.rewards.judged import LinguisticReward, PrecisionReward, RecallReward
 
-    def log_extra(column: str, values: list) -> None:
-        extras[column] = values
-
-    async def precision_scores() -> list[float | None]:
-        scores: list[float | None] = [None] * len(records)
-        if with_image:
-            found = await precision(
-                prompts=[None] * len(with_image),
-                completions=[captions[index] for index in with_image],
-                image=[records[index].image for index in with_image],
-                log_extra=log_extra,
-            )
-            for index, score in zip(with_image, found):
-                scores[index] = score
-        return scores
-
-    precision_values, recall_values, linguistic_values = await asyncio.gather(
-        precision_scores(),
-        recall(
-            prompts=[None] * len(records),
-            completions=captions,
-            references=[[reference for reference in record.references if reference.split()] for record in records],
-            log_extra=log_extra,
-        ),
-        linguistic(prompts=[None] * len(records), completions=captions, log_extra=log_extra),
+        if judge is None:
+            raise ValueError("balcap_section needs a judge, or rewards=(precision, recall, linguistic) functions.")
+        functions = [PrecisionReward(judge), recall if recall is not None else RecallReward(judge)]
+        functions.append(LinguisticReward(judge))
+        precision_rows = [index for index, record in enumerate(records) if record.image is not None]
+    else:
+        functions = list(rewards)
+        if len(functions) != 3 or not all(callable(function) for function in functions):
+            raise ValueError(f"rewards must be three reward functions (precision, recall, linguistic): {rewards!r}.")
+        precision_rows = everything
+    outcomes = await asyncio.gather(
+        _call_reward(functions[0], records, precision_rows),
+        _call_reward(functions[1], records, everything),
+        _call_reward(functions[2], records, everything),
     )
-    precision_summary = _mean_of_scored([precision_values[index] for index in with_image])
-    precision_summary["no_image"] = len(records) - len(with_image)
+    (precision_values, _), (recall_values, _), (linguistic_values, _) = outcomes
+    precision_summary = _mean_of_scored([precision_values[index] for index in precision_rows])
+    if rewards is None:
+        precision_summary["no_image"] = len(records) - len(precision_rows)
     section = {
         "precision": precision_summary,
         "recall": _mean_of_scored(recall_values),
@@ -551,25 +624,18 @@ async def balcap_section(
     }
     means = [section[name]["mean"] for name in ("precision", "recall", "linguistic")]
     section["b_capscore"] = harmonic_mean(means)
-    section["prompt_version"] = precision.prompt_version
-    per_caption: dict[str, dict[str, Any]] = {record.id: {} for record in records}
+    section["scorers"] = dict(zip(("precision", "recall", "linguistic"), map(_reward_name, functions)))
+    section["prompt_version"] = getattr(functions[0], "prompt_version", None)
+    per_caption: dict[str, dict[str, Any]] = {}
     for index, record in enumerate(records):
         values = [precision_values[index], recall_values[index], linguistic_values[index]]
-        per_caption[record.id].update(
+        per_caption[record.id] = dict(
             precision=values[0], recall=values[1], linguistic=values[2], b_capscore=harmonic_mean(values)
         )
-    for column in (
-        "recall/units",
-        "recall/covered",
-        "linguistic/clarity",
-        "linguistic/fluency",
-        "linguistic/coherence",
-    ):
-        for record, value in zip(records, extras.get(column, [])):
-            per_caption[record.id][column] = value
-    for column in ("precision/assertions", "precision/passing"):
-        for index, value in zip(with_image, extras.get(column, [])):
-            per_caption[records[index].id][column] = value
+    for _, logged in outcomes:
+        for column, values in logged.items():
+            for index, value in values.items():
+                per_caption[records[index].id][column] = value
     section["per_caption"] = per_caption
     return section
 
@@ -883,6 +949,34 @@ async def caparena_section(
 # ------------------------------------------------------------------------------------------------------- entry point
 
 
+def _balcap_notes(section: Mapping[str, Any]) -> list[str]:
+    """What a reader of the balcap numbers must know: captions left out of a mean, and why."""
+    notes = []
+    no_image = section["precision"].get("no_image", 0)
+    if no_image:
+        notes.append(
+            f"Precision (and so b-CapScore) needs the image: {no_image} record(s) without one were not scored for "
+            "precision."
+        )
+    for metric in ("precision", "recall", "linguistic"):
+        entry = section[metric]
+        if not entry["unscorable"]:
+            continue
+        attempted = entry["scored"] + entry["unscorable"]
+        text = (
+            f"{metric}: {entry['unscorable']} of {attempted} caption(s) could not be scored (judge calls failed "
+            "after their retries; see the log) and are left out of its mean."
+        )
+        if metric == "precision" and not entry["scored"] and "no_image" in entry:
+            text += (
+                " No precision call succeeded: precision shows the judge the image, so it needs a vision (MLLM) judge;"
+                " a text-only server (e.g. llama.cpp without --mmproj) rejects image parts. With a text-only judge,"
+                " leave images out (`--judge-text-only`) to skip precision."
+            )
+        notes.append(text)
+    return notes
+
+
 def _load_maybe(value: Any, loader: Any) -> Any:
     return loader(value) if isinstance(value, (str, os.PathLike)) else value
 
@@ -900,6 +994,8 @@ async def evaluate_captions_async(
     name: str | None = None,
     baseline_name: str = "baseline",
     plots: bool = True,
+    balcap_rewards: Sequence[Callable] | None = None,
+    generation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`evaluate_captions` for callers already inside an event loop; the judge is left open (the caller owns it)."""
     caption_rows = _load_maybe(captions, load_captions)
@@ -914,7 +1010,7 @@ async def evaluate_captions_async(
     if judge is None and any(needs_judge.values()):
         wanted = [key for key, value in needs_judge.items() if value]
         raise ValueError(f"{wanted} need a judge: pass judge=JudgeClient(...) (see balcaprl.judge).")
-    if classic or dcscore or (balcap and judge is not None):
+    if classic or dcscore or (balcap and judge is not None and balcap_rewards is None):
         _require_references(records, "classic metrics, BalCapRL recall and DCScore")
     questions = None
     if captionqa_questions is not None:
@@ -933,6 +1029,8 @@ async def evaluate_captions_async(
         "judge": None if judge is None else {"base_url": judge.base_url, "model": judge.model},
         "notes": notes,
     }
+    if generation is not None:
+        report["generation"] = dict(generation)
     counter_names = ("requests", "retries", "failures", "cache_hits")
     counters_before = {} if judge is None else {counter: getattr(judge, counter) for counter in counter_names}
 
@@ -945,15 +1043,20 @@ async def evaluate_captions_async(
         else:
             rows = [{"id": r.id, "caption": r.caption, "references": list(r.references)} for r in records]
             classic_task = asyncio.ensure_future(asyncio.to_thread(classic_section, rows))  # JVMs run meanwhile
-    if balcap and judge is None:
-        notes.append("BalCapRL metrics skipped: no judge given (pass judge=JudgeClient(...)).")
+    if balcap and judge is None and balcap_rewards is None:
+        notes.append(
+            "BalCapRL metrics skipped: no judge given (pass judge=JudgeClient(...), or balcap_rewards=(precision, "
+            "recall, linguistic) reward functions)."
+        )
 
     judge_tasks: dict[str, Any] = {}
+    if balcap and balcap_rewards is not None:
+        judge_tasks["balcap"] = balcap_section(records, rewards=balcap_rewards)
     if judge is not None:
         from balcaprl.rewards.judged import RecallReward
 
         shared_recall = RecallReward(judge)  # one object: each reference is decomposed once for both sections
-        if balcap:
+        if balcap and balcap_rewards is None:
             judge_tasks["balcap"] = balcap_section(records, judge, shared_recall)
         if dcscore:
             judge_tasks["dcscore"] = dcscore_section(records, judge, shared_recall)
@@ -975,11 +1078,8 @@ async def evaluate_captions_async(
     )
     if results["length"]["no_reference"]:
         notes.append(f"{results['length']['no_reference']} caption(s) have no reference: no length ratio for them.")
-    if "balcap" in results and results["balcap"]["precision"]["no_image"]:
-        notes.append(
-            f"Precision (and so b-CapScore) needs the image: {results['balcap']['precision']['no_image']} record(s) "
-            "without one were not scored for precision."
-        )
+    if "balcap" in results:
+        notes.extend(_balcap_notes(results["balcap"]))
     if judge is not None:
         report["judge"]["calls"] = {
             counter: getattr(judge, counter) - counters_before[counter] for counter in counter_names
@@ -1013,6 +1113,8 @@ def evaluate_captions(
     name: str | None = None,
     baseline_name: str = "baseline",
     plots: bool = True,
+    balcap_rewards: Sequence[Callable] | None = None,
+    generation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score captions already produced; write ``report.json``, ``report.md`` and plots to ``output_dir``; return the
     report.
@@ -1022,7 +1124,11 @@ def evaluate_captions(
         output_dir: where the report files go (created).
         judge: the judge for the judge-based sections; without one only classic metrics and lengths run.
         classic: BLEU-1..4 / METEOR / ROUGE-L / CIDEr-D (/ SPICE) by pycocoevalcap (`classic_section`).
-        balcap: mean precision / recall / linguistic and b-CapScore (`balcap_section`; needs ``judge``).
+        balcap: mean precision / recall / linguistic and b-CapScore (`balcap_section`; needs ``judge`` or
+            ``balcap_rewards``).
+        balcap_rewards: three TRL reward functions (precision, recall, linguistic) that stand in for the judges of
+            the balcap section, e.g. the synthetic world's exact ``(WorldPrecision(), WorldRecall(),
+            WorldLinguistic())``; they get the records' extra columns (a world ``scene``) as keyword arguments.
         dcscore: DCScore-style P / R / F1 (`dcscore_section`; needs ``judge``).
         captionqa_questions: a questions JSONL path (`load_questions`) or their list: CaptionQA-style accuracy
             (`captionqa_section`).
@@ -1030,6 +1136,8 @@ def evaluate_captions(
             battles (`caparena_section`), reported under ``baseline_name``.
         name: the evaluated system's name in tables and comparisons.
         plots: write ``length.png`` and ``metrics.png`` (needs matplotlib; without it a note replaces them).
+        generation: how the captions were made (model, data, decoding settings; see `generate_and_evaluate`),
+            stored as the report's ``generation`` and shown in ``report.md``.
 
     The report's ``summary`` holds the headline numbers flat (fractions; CIDEr-D as computed; ``CapArena`` as
     wins − losses), ``notes`` what was skipped and why, ``per_caption`` every per-caption value. Runs its own event
@@ -1058,6 +1166,8 @@ def evaluate_captions(
                 name=name,
                 baseline_name=baseline_name,
                 plots=plots,
+                balcap_rewards=balcap_rewards,
+                generation=generation,
             )
         finally:
             if judge is not None:
@@ -1132,6 +1242,21 @@ def _markdown(report: Mapping[str, Any], plot_files: Sequence[str]) -> str:
             f"{calls['retries']} retries, {calls['failures']} failures.",
             "",
         ]
+    generation = report.get("generation")
+    if generation:
+        settings = generation.get("generation", {})
+        decoding = "greedy"
+        if settings.get("do_sample"):
+            decoding = f"sampled (temperature {settings.get('temperature')}, seed {settings.get('seed')})"
+        data = generation.get("data", {})
+        split = f" (split `{data['split']}`)" if data.get("split") else ""
+        lines += [
+            f"Captions by `{generation.get('model')}` on `{data.get('source')}`{split}, "
+            f"{decoding}, at most {settings.get('max_new_tokens')} new tokens: {generation.get('generated')} "
+            f"generated in this run, {generation.get('reused')} reused from an earlier one "
+            f"(`{generation.get('captions_file')}`).",
+            "",
+        ]
     if report["notes"]:
         lines += ["## Notes", "", *[f"- {note}" for note in report["notes"]], ""]
 
@@ -1160,7 +1285,11 @@ def _markdown(report: Mapping[str, Any], plot_files: Sequence[str]) -> str:
 
     balcap = report.get("balcap")
     if balcap:
-        lines += ["## BalCapRL judge metrics (×100)", ""]
+        scorers = balcap.get("scorers", {})
+        if scorers and scorers != {"precision": "precision", "recall": "recall", "linguistic": "linguistic"}:
+            lines += ["## BalCapRL metrics (×100)", "", f"Scored by {', '.join(scorers.values())}, not by judges.", ""]
+        else:
+            lines += ["## BalCapRL judge metrics (×100)", ""]
         rows = []
         for metric in ("precision", "recall", "linguistic"):
             entry = balcap[metric]
@@ -1410,32 +1539,261 @@ def _plot_comparison(
     figure.savefig(path, dpi=100)
 
 
+# ------------------------------------------------------------------------------------------------- generation half
+
+
+def generate_and_evaluate(
+    model: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    output_dir: str | os.PathLike,
+    split: str = "test",
+    format: str = "auto",
+    image_root: str | os.PathLike | None = None,
+    image_column: str = "image",
+    caption_column: str = "references",
+    instruction: str | None = None,
+    max_samples: int | None = None,
+    on_bad_image: str = "error",
+    data_seed: int = 0,
+    batch_size: int = 16,
+    max_new_tokens: int = 512,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    dtype: Any = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    judge_text_only: bool = False,
+    progress: bool = True,
+    **scoring: Any,
+) -> dict[str, Any]:
+    """Caption a dataset split with a model, then evaluate the captions (``balcaprl evaluate --model ...``).
+
+    1. The split is loaded by `balcaprl.data.load_caption_dataset` (``format``, ``split``, ``image_root``,
+       ``image_column``, ``caption_column``, ``instruction``, ``max_samples``, ``on_bad_image``; ``data_seed`` seeds
+       the ``max_samples`` draw).
+    2. `balcaprl.generation.caption_dataset` captions it into ``output_dir/captions.jsonl`` (batched; greedy, or
+       ``do_sample`` with ``temperature`` and ``seed``), appending every batch as it is produced; a rerun with the
+       same folder generates only the captions that are missing, and refuses (`GenerationSettingsError`) when the
+       model, data or decoding settings differ from those recorded in ``output_dir/generation.json`` — unless
+       ``overwrite``. ``dtype`` / ``device`` place the model (``device=None``: CUDA when available).
+    3. `evaluate_captions` scores every caption, with ``scoring`` as its keyword arguments (``judge``, ``classic``,
+       ``balcap``, ``balcap_rewards``, ``dcscore``, ``captionqa_questions``, ``baseline_captions``, ``name``,
+       ``baseline_name``, ``plots``), and writes the report into ``output_dir``. The records it scores carry the
+       image (path, or the bytes stored in the dataset) and the dataset's extra columns, e.g. the ``scene`` the
+       exact world rewards read. ``judge_text_only`` leaves the images out (for a judge that cannot see them:
+       precision is then not asked, DCScore checks against the references, CapArena judges from text).
+
+    Returns the report; its ``generation`` entry says which model and settings made the captions and how many were
+    generated in this run or reused.
+    """
+    import torch
+
+    from balcaprl.data import DEFAULT_INSTRUCTION, load_caption_dataset_with_report
+    from balcaprl.generation import caption_dataset
+
+    allowed = set(inspect.signature(evaluate_captions).parameters) - {"captions", "output_dir", "generation"}
+    unknown = sorted(set(scoring) - allowed)
+    if unknown:
+        raise TypeError(f"generate_and_evaluate got unknown arguments {unknown}; scoring ones are {sorted(allowed)}.")
+    instruction = instruction or DEFAULT_INSTRUCTION
+    dataset, loaded = load_caption_dataset_with_report(
+        data,
+        format=format,
+        split=split,
+        image_root=image_root,
+        image_column=image_column,
+        caption_column=caption_column,
+        instruction=instruction,
+        max_samples=max_samples,
+        on_bad_image=on_bad_image,
+        seed=data_seed,
+    )
+    source = Path(data)
+    data_settings = {
+        "source": str(source.resolve()) if source.exists() else str(data),
+        "format": loaded.format,
+        "split": None if loaded.format == "jsonl" else split,  # one JSONL file is one split
+        "image_root": None if image_root is None else str(Path(image_root).resolve()),
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "max_samples": max_samples,
+        "on_bad_image": on_bad_image,
+        "data_seed": data_seed if max_samples is not None else None,
+    }
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else None
+    run = caption_dataset(
+        model,
+        dataset,
+        output_dir,
+        instruction=instruction,
+        data=data_settings,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        overwrite=overwrite,
+        progress=progress,
+        image_bytes=scoring.get("judge") is not None and not judge_text_only,
+    )
+    records = []
+    for row, written in zip(run.rows, run.records):
+        record = {**row["extra"], "id": written["id"], "caption": written["caption"], "references": row["references"]}
+        image = row["image_path"] or row["image_bytes"]
+        if image is not None and not judge_text_only:
+            record["image"] = image
+        records.append(record)
+    generation = {
+        **run.settings,
+        "captions_file": str(run.path),
+        "generated": run.generated,
+        "reused": run.reused,
+        "dropped_partial_line": run.dropped_partial_line,
+        "judge_text_only": judge_text_only,
+    }
+    scoring["name"] = scoring.get("name") or Path(str(model)).name or str(model)
+    return evaluate_captions(records, output_dir=output_dir, generation=generation, **scoring)
+
+
 # ---------------------------------------------------------------------------------------------------------------- CLI
 
+WORLD_REWARDS = ("world_precision", "world_recall", "world_linguistic")
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``score CAPTIONS.jsonl --output-dir DIR [options]`` or ``compare A B --output-dir DIR``."""
-    parser = argparse.ArgumentParser(prog="python -m balcaprl.evaluate", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    score = commands.add_parser("score", help="score a captions JSONL file")
-    score.add_argument("captions", help="JSONL of {id, caption, references, image?}")
-    score.add_argument("--output-dir", required=True)
-    score.add_argument("--name")
-    score.add_argument("--no-classic", action="store_true", help="skip pycocoevalcap metrics")
-    score.add_argument("--no-balcap", action="store_true", help="skip BalCapRL judge metrics")
-    score.add_argument("--dcscore", action="store_true", help="add DCScore-style P/R/F1")
-    score.add_argument("--captionqa", metavar="QUESTIONS.jsonl", help="add CaptionQA-style accuracy")
-    score.add_argument("--baseline", metavar="CAPTIONS.jsonl", help="add CapArena-style battles against these")
-    score.add_argument("--baseline-name", default="baseline")
-    score.add_argument("--no-plots", action="store_true")
+
+def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", help="the system's name in the report (run: the model folder's name)")
+    parser.add_argument("--no-classic", action="store_true", help="skip pycocoevalcap metrics")
+    parser.add_argument("--no-balcap", action="store_true", help="skip BalCapRL precision / recall / linguistic")
+    parser.add_argument("--dcscore", action="store_true", help="add DCScore-style P/R/F1 (needs a judge)")
+    parser.add_argument("--captionqa", metavar="QUESTIONS.jsonl", help="add CaptionQA-style accuracy (needs a judge)")
+    parser.add_argument(
+        "--baseline-captions",
+        "--baseline",
+        dest="baseline",
+        metavar="CAPTIONS.jsonl",
+        help="add CapArena-style battles against these captions of the same ids (needs a judge)",
+    )
+    parser.add_argument("--baseline-name", default="baseline")
+    parser.add_argument("--no-plots", action="store_true")
+    scorers = parser.add_mutually_exclusive_group()
+    scorers.add_argument(
+        "--exact-world-judges",
+        action="store_true",
+        help=f"score BalCapRL P/R/L with the synthetic world's exact rewards ({', '.join(WORLD_REWARDS)}; they read "
+        "each record's `scene`) instead of judges",
+    )
+    scorers.add_argument(
+        "--balcap-rewards",
+        nargs=3,
+        metavar=("PRECISION", "RECALL", "LINGUISTIC"),
+        help="three reward specs (registered names or 'package.module:function') that score BalCapRL P/R/L instead "
+        "of the judges",
+    )
+    parser.add_argument(
+        "--judge-text-only",
+        action="store_true",
+        help="the judge cannot see images: send none (precision is not asked; DCScore and CapArena use text only)",
+    )
     judge_options = [("base_url", str), ("model", str), ("api_key_env", str), ("max_concurrency", int)]
-    judge_options += [("timeout", float), ("max_retries", int), ("cache_dir", str)]
+    judge_options += [("timeout", float), ("max_retries", int), ("cache_dir", str), ("temperature", float)]
+    judge_options += [("max_tokens", int), ("response_format", str)]
     for key, kind in judge_options:  # the recipe's judge_* keys (see balcaprl.judge.RECIPE_KEYS)
-        score.add_argument(f"--judge-{key.replace('_', '-')}", dest=f"judge_{key}", type=kind)
+        parser.add_argument(f"--judge-{key.replace('_', '-')}", dest=f"judge_{key}", type=kind)
+
+
+def _scoring_arguments(arguments: argparse.Namespace) -> dict[str, Any]:
+    """`evaluate_captions` keywords from the scoring options (a judge when --judge-base-url is given)."""
+    judge = None
+    if arguments.judge_base_url:
+        judge = JudgeClient.from_config(vars(arguments))  # the judge_* recipe keys; None keeps a default
+    specs = list(WORLD_REWARDS) if arguments.exact_world_judges else arguments.balcap_rewards
+    balcap_rewards = None
+    if specs and not arguments.no_balcap:
+        from balcaprl.rewards import get_reward_funcs
+
+        judge_keys = {key: value for key, value in vars(arguments).items() if key.startswith("judge_")}
+        balcap_rewards = get_reward_funcs(specs, **judge_keys)
+    return {
+        "judge": judge,
+        "classic": not arguments.no_classic,
+        "balcap": not arguments.no_balcap,
+        "balcap_rewards": balcap_rewards,
+        "dcscore": arguments.dcscore,
+        "captionqa_questions": arguments.captionqa,
+        "baseline_captions": arguments.baseline,
+        "name": arguments.name,
+        "baseline_name": arguments.baseline_name,
+        "plots": not arguments.no_plots,
+    }
+
+
+def _without_images(captions: str | os.PathLike) -> list[dict[str, Any]]:
+    return [{key: value for key, value in row.items() if key != "image"} for row in load_captions(captions)]
+
+
+def build_parser(prog: str = "balcaprl evaluate") -> argparse.ArgumentParser:
+    """The parser of `main`: ``run`` (the default), ``score`` and ``compare``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Caption a dataset split with a model and score the captions (run), score captions already "
+        "made (score), or compare reports (compare).",
+        epilog=f"`{prog} --model M --data D --output-dir DIR ...` (options first) means `{prog} run ...`.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="caption a dataset split with a model (resumable), then score the captions")
+    run.add_argument("--model", required=True, help="checkpoint or LoRA adapter folder, Hub name, or tiny:<family>")
+    run.add_argument("--data", required=True, help="JSONL file, Karpathy JSON, or Hugging Face dataset (name/folder)")
+    run.add_argument("--output-dir", required=True, help="captions.jsonl, generation.json and the report go here")
+    data = run.add_argument_group("data (see balcaprl.data.load_caption_dataset)")
+    data.add_argument("--split", default="test", help="default: test (a JSONL file is one split: ignored)")
+    data.add_argument("--format", default="auto", help="auto (default), hf, karpathy or jsonl")
+    data.add_argument("--image-root", help="folder relative image paths are resolved against")
+    data.add_argument("--image-column", default="image")
+    data.add_argument("--caption-column", default="references")
+    data.add_argument("--instruction", help="the user turn (default: 'Describe this image in detail.')")
+    data.add_argument("--max-samples", type=int, help="caption a random subset of this many rows")
+    data.add_argument("--data-seed", type=int, default=0, help="seed of the --max-samples draw")
+    data.add_argument("--on-bad-image", default="error", help="error (default) or skip")
+    generation = run.add_argument_group("generation")
+    generation.add_argument("--batch-size", type=int, default=16, help="images per generate call (default: 16)")
+    generation.add_argument("--max-new-tokens", type=int, default=512, help="caption length limit (default: 512)")
+    generation.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generation.add_argument("--temperature", type=float, default=1.0, help="with --sample")
+    generation.add_argument("--seed", type=int, default=0, help="with --sample")
+    generation.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16, float16")
+    generation.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    generation.add_argument(
+        "--overwrite", action="store_true", help="delete the captions already in --output-dir and start again"
+    )
+    generation.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_scoring_arguments(run.add_argument_group("scoring"))
+
+    score = commands.add_parser("score", help="score a captions JSONL file")
+    score.add_argument("captions", help="JSONL of {id, caption, references, image?, ...extra columns}")
+    score.add_argument("--output-dir", required=True)
+    _add_scoring_arguments(score)
+
     compare = commands.add_parser("compare", help="compare reports (report.json files or their folders)")
     compare.add_argument("reports", nargs="+")
     compare.add_argument("--output-dir", required=True)
     compare.add_argument("--names", nargs="+")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``[run] --model M --data D --output-dir DIR [options]``, ``score CAPTIONS.jsonl --output-dir DIR
+    [options]`` or ``compare A B --output-dir DIR``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["run", *argv]
+    prog = "balcaprl evaluate" if Path(sys.argv[0]).name == "balcaprl" else "python -m balcaprl.evaluate"
+    parser = build_parser(prog)
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -1443,23 +1801,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         compare_reports(arguments.reports, output_dir=arguments.output_dir, names=arguments.names)
         print(Path(arguments.output_dir) / "comparison.md")
         return 0
-    judge = None
-    if arguments.judge_base_url:
-        judge = JudgeClient.from_config(vars(arguments))  # the judge_* recipe keys; None keeps a default
-    report = evaluate_captions(
-        arguments.captions,
-        output_dir=arguments.output_dir,
-        judge=judge,
-        classic=not arguments.no_classic,
-        balcap=not arguments.no_balcap,
-        dcscore=arguments.dcscore,
-        captionqa_questions=arguments.captionqa,
-        baseline_captions=arguments.baseline,
-        name=arguments.name,
-        baseline_name=arguments.baseline_name,
-        plots=not arguments.no_plots,
-    )
+    scoring = _scoring_arguments(arguments)
+    if arguments.command == "score":
+        captions = _without_images(arguments.captions) if arguments.judge_text_only else arguments.captions
+        report = evaluate_captions(captions, output_dir=arguments.output_dir, **scoring)
+        print(json.dumps(report["summary"], indent=2))
+        return 0
+
+    from balcaprl.generation import GenerationSettingsError
+
+    dtype = None
+    if arguments.dtype != "auto":
+        import torch
+
+        dtype = getattr(torch, arguments.dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            parser.error(f"--dtype must be auto, float32, bfloat16 or float16, got {arguments.dtype!r}.")
+    try:
+        report = generate_and_evaluate(
+            arguments.model,
+            arguments.data,
+            output_dir=arguments.output_dir,
+            split=arguments.split,
+            format=arguments.format,
+            image_root=arguments.image_root,
+            image_column=arguments.image_column,
+            caption_column=arguments.caption_column,
+            instruction=arguments.instruction,
+            max_samples=arguments.max_samples,
+            on_bad_image=arguments.on_bad_image,
+            data_seed=arguments.data_seed,
+            batch_size=arguments.batch_size,
+            max_new_tokens=arguments.max_new_tokens,
+            do_sample=arguments.sample,
+            temperature=arguments.temperature,
+            seed=arguments.seed,
+            dtype=dtype,
+            device=arguments.device,
+            overwrite=arguments.overwrite,
+            judge_text_only=arguments.judge_text_only,
+            progress=not arguments.no_progress,
+            **scoring,
+        )
+    except GenerationSettingsError as error:
+        parser.exit(2, f"{prog}: error: {error}\n")
     print(json.dumps(report["summary"], indent=2))
+    print(Path(arguments.output_dir) / "report.md")
     return 0
 
 

@@ -28,6 +28,7 @@ from balcaprl.evaluate import (
     load_questions,
     ptb_tokenize,
 )
+from balcaprl.evaluate import main as evaluate_main
 from balcaprl.judge import JudgeClient
 from balcaprl.testing_server import prompt_text
 from tests.judge_servers import FaultInjectingServer
@@ -489,6 +490,70 @@ class TestCapArena:
         ]
         assert "Δ (2nd − 1st)" in (tmp_path / "comparison.md").read_text()
         assert_png(tmp_path / "comparison.png")
+
+
+# ---------------------------------------------------------------------------------- exact rewards as the judges
+
+
+WORLD_SCENE = {"objects": [{"shape": "circle", "colour": "red", "size": "small", "position": "left"}]}
+WORLD_RECORDS = [
+    # Facts of the scene: object(red circle), size(small), position(left), count(1).
+    # All 3 claims true; 3 of 4 facts; grammatical, no repetition, well formed: P = 1, R = 3/4, L = 1.
+    {"id": "a", "caption": "A small red circle on the left.", "references": ["x"], "scene": WORLD_SCENE},
+    # One false claim: P = 0, R = 0; a consistent lower-case sentence: L = 1.
+    {"id": "b", "caption": "a blue square.", "references": ["x"], "scene": WORLD_SCENE},
+    # count(1) and object(red circle) true, size(large) false: P = 2/3, R = 2/4; "the the": 1 of 10 words
+    # repeated, L = 0.9.
+    {
+        "id": "c",
+        "caption": "There is one object. The the red circle is large.",
+        "references": ["x"],
+        "scene": WORLD_SCENE,
+    },
+]
+
+
+def assert_world_values(folder: Path):
+    report = json.loads((folder / "report.json").read_text())
+    balcap = report["balcap"]
+    assert balcap["scorers"] == {
+        "precision": "world_precision",
+        "recall": "world_recall",
+        "linguistic": "world_linguistic",
+    }
+    assert balcap["precision"] == {"mean": pytest.approx(5 / 9, rel=1e-12), "scored": 3, "unscorable": 0}
+    assert balcap["recall"]["mean"] == pytest.approx(5 / 12, rel=1e-12)
+    assert balcap["linguistic"]["mean"] == pytest.approx(2.9 / 3, rel=1e-12)
+    assert balcap["b_capscore"] == pytest.approx(3 / (9 / 5 + 12 / 5 + 3 / 2.9), rel=1e-12)
+    rows = {row["id"]: row for row in report["per_caption"]}
+    assert rows["a"]["b_capscore"] == pytest.approx(3 / (1 + 4 / 3 + 1), rel=1e-12)
+    assert rows["b"]["b_capscore"] == 0.0
+    assert [rows[key]["world_recall/facts"] for key in "abc"] == [4.0, 4.0, 4.0]  # the rewards read the scene
+    assert rows["c"]["world_linguistic/repetition"] == pytest.approx(0.9, rel=1e-12)
+    assert "Scored by world_precision, world_recall, world_linguistic" in (folder / "report.md").read_text()
+
+
+def test_exact_world_rewards_stand_in_for_the_judges(tmp_path):
+    """No judge at all: the world's exact rewards score P, R, L from each record's `scene` column."""
+    from balcaprl.rewards.world import WorldLinguistic, WorldPrecision, WorldRecall
+
+    report = evaluate_captions(
+        WORLD_RECORDS,
+        output_dir=tmp_path,
+        classic=False,
+        plots=False,
+        balcap_rewards=(WorldPrecision(), WorldRecall(), WorldLinguistic()),
+    )
+    assert report["judge"] is None and report["summary"]["b-CapScore"] == report["balcap"]["b_capscore"]
+    assert_world_values(tmp_path)
+
+    # The same through the CLI, from a captions file whose extra `scene` key load_captions keeps.
+    captions = tmp_path / "captions.jsonl"
+    captions.write_text("".join(json.dumps(record) + "\n" for record in WORLD_RECORDS))
+    assert load_captions(captions)[0]["scene"] == WORLD_SCENE
+    arguments = ["score", str(captions), "--output-dir", str(tmp_path / "cli"), "--exact-world-judges"]
+    assert evaluate_main([*arguments, "--no-classic", "--no-plots"]) == 0
+    assert_world_values(tmp_path / "cli")
 
 
 # ------------------------------------------------------------------------------------------------ real llama.cpp
