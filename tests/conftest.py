@@ -6,8 +6,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from balcaprl.testing_server import prompt_text  # noqa: E402
 from balcaprl.tiny import build_tiny_model  # noqa: E402
-from tests.judge_servers import find_judge_gguf, llama_cpp_server, xllamacpp_available  # noqa: E402
+from tests.judge_servers import (  # noqa: E402
+    FaultInjectingServer,
+    ScriptedJudge,
+    find_judge_gguf,
+    llama_cpp_server,
+    xllamacpp_available,
+)
 
 # Two threads are slower than one for these tiny models on this 2-core machine.
 torch.set_num_threads(1)
@@ -37,3 +44,13 @@ def llama_cpp_base_url():
         _unavailable(reason)
     with llama_cpp_server(gguf, n_ctx=2048, n_parallel=2, n_predict=160) as base_url:
         yield base_url
+
+
+@pytest.fixture
+def scripted_server():
+    """A loopback judge answering every prompt the rewards and the evaluation send; "FAIL" prompts always fail."""
+    judge = ScriptedJudge()
+    server = FaultInjectingServer(judge, validate_images=True, fails_permanently=lambda m: "FAIL" in prompt_text(m))
+    with server:
+        server.judge = judge
+        yield server

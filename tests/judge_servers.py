@@ -14,8 +14,10 @@ import contextlib
 import gc
 import importlib.util
 import io
+import json
 import os
 import random
+import re
 import threading
 import zipfile
 from collections import Counter
@@ -266,3 +268,65 @@ def llama_cpp_server(
     finally:
         del server
         gc.collect()
+
+
+# ------------------------------------------------------------------------------------------------- scripted judge
+
+TRUE_WORDS = {"red", "circle"}  # what the scripted judge "sees" in every image
+
+
+class ScriptedJudge:
+    """A deterministic judge for every prompt the harness sends; ``arena_policy`` picks the battle verdicts."""
+
+    def __init__(self):
+        self.calls = Counter()
+        self.arena_policy = "longer"  # or "position_a"
+
+    @staticmethod
+    def quoted(text: str) -> str:
+        return re.search(r'"""(.*?)"""', text, flags=re.DOTALL).group(1)
+
+    @staticmethod
+    def numbered(text: str) -> list[str]:
+        return re.findall(r"^\d+\. (.*)$", text, flags=re.MULTILINE)
+
+    def __call__(self, messages) -> str:
+        text = prompt_text(messages)
+        if "Split the caption into atomic assertions" in text:
+            self.calls["precision"] += 1
+            claims = [claim.strip() for claim in self.quoted(text).split(" and ") if claim.strip()]
+            assertions = [
+                {"text": c, "verified": bool(TRUE_WORDS & set(c.split())), "pointable": "atmosphere" not in c}
+                for c in claims
+            ]
+            return json.dumps({"assertions": assertions})
+        if "atomic units of information" in text:
+            self.calls[f"decompose:{self.quoted(text)}"] += 1
+            return json.dumps({"units": [unit.strip() for unit in self.quoted(text).split(" and ")]})
+        if "numbered list of facts about the same image" in text:
+            self.calls["recall_verify"] += 1
+            described = self.quoted(text)
+            return json.dumps({"covered": [unit.split()[-1] in described for unit in self.numbered(text)]})
+        if "Rate the writing" in text:
+            self.calls["linguistic"] += 1
+            words = self.quoted(text).split()
+            repeated = any(a == b for a, b in zip(words, words[1:]))
+            return json.dumps({"clarity": 5, "fluency": 1 if repeated else 5, "coherence": 3})
+        if "checking facts against the image" in text:
+            self.calls["dcscore_verify"] += 1
+            return json.dumps({"correct": [bool(TRUE_WORDS & set(u.split())) for u in self.numbered(text)]})
+        if "multiple-choice question" in text:
+            self.calls["captionqa"] += 1
+            caption_words = set(self.quoted(text).split())
+            choices = re.findall(r"^([A-Z])\. (.*)$", text, flags=re.MULTILINE)
+            present = [letter for letter, choice in choices if choice in caption_words]
+            return json.dumps({"answer": present[0] if len(present) == 1 else "unknown"})
+        if "comparing two descriptions" in text:
+            self.calls["arena"] += 1
+            first = re.search(r'Description A:\n"""(.*?)"""', text, flags=re.DOTALL).group(1)
+            second = re.search(r'Description B:\n"""(.*?)"""', text, flags=re.DOTALL).group(1)
+            if self.arena_policy == "position_a":
+                return json.dumps({"winner": "A"})
+            difference = len(first.split()) - len(second.split())
+            return json.dumps({"winner": "A" if difference > 0 else "B" if difference < 0 else "tie"})
+        raise AssertionError(f"unexpected prompt: {text[:200]}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
-from collections import Counter
 
 import pytest
 from PIL import Image
@@ -14,60 +12,11 @@ from balcaprl.judge import JudgeClient
 from balcaprl.rewards import get_reward_funcs, get_reward_weights
 from balcaprl.rewards.judged import LinguisticReward, PrecisionReward, RecallReward, load_prompt
 from balcaprl.testing_server import prompt_text
-from tests.judge_servers import FaultInjectingServer
-
-TRUE_WORDS = {"red", "circle"}  # what the scripted judge "sees" in the image
-
-
-class ScriptedJudge:
-    """A deterministic judge that understands our four prompts, so rewards have exact expected values."""
-
-    def __init__(self):
-        self.calls = Counter()
-
-    @staticmethod
-    def quoted(text: str) -> str:
-        return re.search(r'"""(.*?)"""', text, flags=re.DOTALL).group(1)
-
-    def __call__(self, messages) -> str:
-        import json
-
-        text = prompt_text(messages)
-        if "atomic assertions" in text:
-            self.calls["precision"] += 1
-            claims = [c.strip() for c in self.quoted(text).split(" and ") if c.strip()]
-            assertions = [
-                {"text": c, "verified": bool(TRUE_WORDS & set(c.split())), "pointable": "atmosphere" not in c}
-                for c in claims
-            ]
-            return json.dumps({"assertions": assertions})
-        if "atomic units" in text:
-            self.calls["decompose"] += 1
-            return json.dumps({"units": [u.strip() for u in self.quoted(text).split(" and ")]})
-        if "numbered list of facts" in text:
-            self.calls["verify"] += 1
-            caption = self.quoted(text)
-            units = re.findall(r"^\d+\. (.*)$", text, flags=re.MULTILINE)
-            return json.dumps({"covered": [unit.split()[-1] in caption for unit in units]})
-        if "Rate the writing" in text:
-            self.calls["linguistic"] += 1
-            words = self.quoted(text).split()
-            repeated = any(a == b for a, b in zip(words, words[1:]))
-            return json.dumps({"clarity": 5, "fluency": 1 if repeated else 5, "coherence": 3})
-        raise AssertionError(f"unexpected prompt: {text[:200]}")
+from tests.judge_servers import FaultInjectingServer, ScriptedJudge
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
-
-@pytest.fixture
-def scripted_server():
-    judge = ScriptedJudge()
-    server = FaultInjectingServer(judge, validate_images=True, fails_permanently=lambda m: "FAIL" in prompt_text(m))
-    with server:
-        server.judge = judge
-        yield server
 
 
 def judge_for(server, **kwargs) -> JudgeClient:
@@ -130,13 +79,14 @@ class TestRecall:
         assert first == [0.5, 1.0, 0.0, 0.0, 0.5, 0.5, 1.0, 0.0]
         assert extras["recall/units"] == [2] * 8 and extras["recall/covered"] == [1, 2, 0, 0, 1, 1, 2, 0]
         calls = scripted_server.judge.calls
-        assert calls["decompose"] == 2  # once per distinct reference, not once per rollout
-        assert calls["verify"] == 7  # the empty caption covers nothing without a call
+        decompositions = {key: n for key, n in calls.items() if key.startswith("decompose:")}
+        assert list(decompositions.values()) == [1, 1]  # once per distinct reference, not once per rollout
+        assert calls["recall_verify"] == 7  # the empty caption covers nothing without a call
 
         # The same G x N captions again: zero new decomposition calls.
         second = run(reward(prompts=[None] * 8, completions=captions, references=references))
         assert second == first
-        assert calls["decompose"] == 2
+        assert {key: n for key, n in calls.items() if key.startswith("decompose:")} == decompositions
 
     def test_several_references_average(self, scripted_server):
         reward = RecallReward(judge_for(scripted_server))
