@@ -31,6 +31,8 @@ import yaml
 from balcaprl.length import length_conditional_mask, length_ratios
 
 WORLD_REWARDS = ["world_precision", "world_recall", "world_linguistic"]
+# The RL recipes log every RL_LOGGING_STEPS steps; the progress bar counts those log lines.
+RL_LOGGING_STEPS = 5
 
 
 @dataclass
@@ -141,7 +143,7 @@ def rl_recipe(settings: DemoSettings, train: Path, sft_model: Path, output_dir: 
         "lr_scheduler_type": "constant",
         "max_steps": settings.rl_steps,
         "max_train_seconds": settings.rl_max_seconds,
-        "logging_steps": 5,
+        "logging_steps": RL_LOGGING_STEPS,
         "save_strategy": "no",
         "report_to": "none",
         "disable_tqdm": True,
@@ -172,11 +174,10 @@ def wait_for(processes: dict[str, subprocess.Popen], logs: dict[str, Path], tota
     """Wait for parallel runs, with one progress bar over all of them (read from their logged steps)."""
     from tqdm.auto import tqdm
 
-    logging_steps = 5
     with tqdm(total=total_steps * len(processes), desc="RL (all seeds)", unit="step") as bar:
         while any(process.poll() is None for process in processes.values()):
             time.sleep(0.5)
-            done = sum(min(total_steps, logs[name].read_text().count("'loss'") * logging_steps) for name in logs)
+            done = sum(min(total_steps, logs[name].read_text().count("'loss'") * RL_LOGGING_STEPS) for name in logs)
             bar.update(done - bar.n)
         bar.update(bar.total - bar.n)
     failed = {name: process.returncode for name, process in processes.items() if process.returncode}
