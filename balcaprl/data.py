@@ -32,12 +32,20 @@ stored as bytes inside a Hugging Face dataset has no path to find its row by: it
   raises, with its row, when read.
 - Malformed sources always raise, naming the file and line (JSONL, JSON syntax) or entry and key (Karpathy).
 
+Image size. With an `ImageResize` (``image_resize=``, or `resize_images` on a loaded dataset;
+`balcaprl.models.image_resize_for` derives it from the policy's processor), each image is resized once, when its row
+is read, to the size the Qwen2.5-VL processor would resize it to (``smart_resize`` within the recipe's
+``min_pixels`` / ``max_pixels``). The trainer's processor, vLLM (which processes the raw image with the checkpoint's
+own defaults, not the recipe's bounds) and the judge rewards then all receive the same pixels and agree on the number
+of image tokens.
+
 `to_sft` turns a loaded dataset into what TRL's `SFTTrainer` takes for vision-language models, and
 `corpus_references` lists the references per image, e.g. for CIDEr-D document frequencies.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -53,6 +61,7 @@ import pyarrow.compute as pc
 from datasets import Dataset, DatasetDict, Features, List, Value
 from datasets.fingerprint import Hasher
 from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +81,43 @@ REFERENCES_FEATURE = List(Value("string"))
 
 # How many offending rows a log line or an error message lists before saying "and N more".
 _LISTED_ROWS = 5
+
+
+@dataclass(frozen=True)
+class ImageResize:
+    """Qwen2.5-VL's resize, done once in the data path: both sides multiples of ``factor``, pixels within bounds.
+
+    The size is transformers' ``smart_resize`` (the function the Qwen2-VL image processors call, and through them
+    vLLM), so the processor finds nothing left to resize: an image resized here keeps its size under any bounds that
+    contain [``min_pixels``, ``max_pixels``], such as the checkpoint's defaults vLLM uses. (qwen-vl-utils has the same
+    function, but it imports torchvision, which cannot be imported beside a CPU-only torch.)
+    """
+
+    min_pixels: int
+    max_pixels: int
+    factor: int = 28  # patch size 14 x spatial merge 2
+
+    def __post_init__(self):
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(
+                f"Image pixel bounds must satisfy 0 < min_pixels <= max_pixels, got min_pixels={self.min_pixels}, "
+                f"max_pixels={self.max_pixels}."
+            )
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of ``width`` x ``height`` is resized to."""
+        resized_height, resized_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        return resized_width, resized_height
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """Image tokens of such an image in the prompt: one per ``factor`` x ``factor`` block after resizing."""
+        resized_width, resized_height = self.size(width, height)
+        return (resized_width // self.factor) * (resized_height // self.factor)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        size = self.size(*image.size)
+        # Bicubic, as the image processors resample; an image already at its size is returned as is.
+        return image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
 
 
 @dataclass
@@ -129,6 +175,7 @@ def load_caption_dataset(
     seed: int = 0,
     restval_as_train: bool = True,
     hf_config_name: str | None = None,
+    image_resize: ImageResize | None = None,
 ) -> Dataset:
     """Load a captioning dataset as rows ``{prompt, image, references, ...}`` with lazily opened images.
 
@@ -155,6 +202,7 @@ def load_caption_dataset(
         restval_as_train: Karpathy only: whether ``split="train"`` includes the ``restval`` images (113,287 COCO
             training images, as in the GRPO-captioning paper) or not (82,783).
         hf_config_name: Hugging Face only: the dataset configuration name, if the dataset has several.
+        image_resize: resize every image once, as it is read (see `ImageResize`); None keeps the source size.
 
     Returns:
         A `datasets.Dataset` whose rows hold a `PIL.Image.Image` (RGB) under ``image``. Columns: ``prompt``,
@@ -178,6 +226,7 @@ def load_caption_dataset(
         seed=seed,
         restval_as_train=restval_as_train,
         hf_config_name=hf_config_name,
+        image_resize=image_resize,
     )
     return dataset
 
@@ -196,6 +245,7 @@ def load_caption_dataset_with_report(
     seed: int = 0,
     restval_as_train: bool = True,
     hf_config_name: str | None = None,
+    image_resize: ImageResize | None = None,
 ) -> tuple[Dataset, LoadReport]:
     """`load_caption_dataset`, also returning the `LoadReport` (rows kept, rows skipped and why)."""
     if format not in FORMATS:
@@ -224,12 +274,24 @@ def load_caption_dataset_with_report(
         dataset = dataset.select(keep)
     extra_columns = [name for name in dataset.column_names if name not in ("prompt", "image", "references")]
     dataset = dataset.select_columns(["prompt", "image", "references", *extra_columns])
-    decoder = _RowDecoder(rows.source, *_origins_by_path(rows, keep))
+    decoder = _RowDecoder(rows.source, *_origins_by_path(rows, keep), resize=image_resize)
     if report.skipped:
         logger.warning("Loaded %s.", report.summary())
     else:
         logger.info("Loaded %s.", report.summary())
     return dataset.with_transform(decoder), report
+
+
+def resize_images(dataset: Dataset, image_resize: ImageResize | None) -> Dataset:
+    """``dataset`` (from `load_caption_dataset`) with its images resized by ``image_resize`` as rows are read.
+
+    For when the resize is known only after loading (the entry points read the policy's processor after the data and
+    rewards, so that a bad recipe fails before any model file is touched). Rows are not copied.
+    """
+    decoder = dataset.format["format_kwargs"].get("transform")
+    if not isinstance(decoder, _RowDecoder):
+        raise ValueError("resize_images takes a dataset from load_caption_dataset (its images open lazily).")
+    return dataset.with_transform(decoder.with_resize(image_resize))
 
 
 def to_sft(
@@ -641,11 +703,19 @@ class _RowDecoder:
     milliseconds where a 100k-entry dict costs seconds. The lookup table is built on the first error only.
     """
 
-    def __init__(self, source: str, paths: Sequence[str] = (), origins: Sequence[str] = ()):
+    def __init__(
+        self, source: str, paths: Sequence[str] = (), origins: Sequence[str] = (), resize: ImageResize | None = None
+    ):
         self.source = source
+        self.resize = resize
         self._paths = "\0".join(paths)
         self._origins = "\0".join(origins)
         self._lookup: dict[str, str] | None = None
+
+    def with_resize(self, resize: ImageResize | None) -> _RowDecoder:
+        decoder = copy.copy(self)
+        decoder.resize = resize
+        return decoder
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_lookup": None}
@@ -669,7 +739,7 @@ class _RowDecoder:
     def open(self, value: Any) -> Image.Image:
         """Decode one stored image (``{"path", "bytes"}``, a path, or an already open image) to an RGB image."""
         if isinstance(value, Image.Image):
-            return value
+            return self._resized(value)
         path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
         if data is None and path is None:
             raise ValueError(f"{self.origin(None)}: the row has no image.")
@@ -683,7 +753,10 @@ class _RowDecoder:
             raise ValueError(
                 f"{self.origin(path)}: cannot decode {shown} ({type(error).__name__}: {error})."
             ) from error
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return self._resized(image if image.mode == "RGB" else image.convert("RGB"))
+
+    def _resized(self, image: Image.Image) -> Image.Image:
+        return image if self.resize is None else self.resize(image)
 
 
 def _drop_empty_fields(messages):

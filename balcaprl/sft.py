@@ -3,8 +3,8 @@
 Cross-entropy fine-tuning on the reference captions with TRL's `SFTTrainer` (the GRPO-captioning paper's stage 1;
 a random policy does not learn caption rewards by RL alone). The loss covers the caption only (TRL's
 prompt-completion form). The checkpoint written to ``output_dir`` is a full model (LoRA adapters merged) with its
-processor, which the RL recipes start from. Stages: parse → seed / checkpoint detection → data → processor and
-model → trainer → train → save.
+processor, which the RL recipes start from. Stages: parse → seed / checkpoint detection → data → processor (images
+resized once) and model → trainer → train → save.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from trl import SFTConfig
 from balcaprl.config import CaptionDataConfig, CaptionModelConfig
 from balcaprl.train import (
     RecipeError,
-    load_model_and_processor,
+    load_family_and_processor,
     load_training_data,
     parse_config,
     prepare_run,
@@ -66,20 +66,24 @@ def main(argv: Sequence[str] | None = None):
 
     from trl import SFTTrainer
 
-    from balcaprl.data import to_sft
-    from balcaprl.models import peft_config
+    from balcaprl.data import resize_images, to_sft
+    from balcaprl.models import image_resize_for, load_policy, peft_config
 
     # 2. seed, threads, logging, checkpoint detection
     checkpoint = prepare_run(training_args)
 
-    # 3. data: one row per (image, reference), loss on the caption only
+    # 3. data, and the processor: images resized once, as in RL; one row per (image, reference), loss on the caption
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
-    train_dataset = to_sft(train_dataset, references=training_args.sft_references, form="prompt_completion")
+    family, processor = load_family_and_processor(model_args)
+    image_resize = image_resize_for(processor)
+    train_dataset = to_sft(
+        resize_images(train_dataset, image_resize), references=training_args.sft_references, form="prompt_completion"
+    )
     if eval_dataset is not None:
-        eval_dataset = to_sft(eval_dataset, references="random", form="prompt_completion")
+        eval_dataset = to_sft(resize_images(eval_dataset, image_resize), references="random", form="prompt_completion")
 
-    # 4. processor and model
-    family, model, processor = load_model_and_processor(model_args)
+    # 4. model
+    model = load_policy(model_args, family)
 
     # 5. trainer
     trainer = SFTTrainer(

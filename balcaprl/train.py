@@ -3,7 +3,8 @@
 The entry point `accelerate launch` runs (``balcaprl train CONFIG`` is the same from the console script). Any
 recipe key can be overridden on the command line (TRL's ``TrlParser``); unknown keys and bad values fail while
 parsing, before any data or model is loaded. Stages, top to bottom: parse → seed / checkpoint detection → data →
-rewards → processor and model → trainer → train → save. `balcaprl.sft` shares the helpers defined here.
+rewards → processor (images resized once) → model → trainer → train → save. `balcaprl.sft` shares the helpers
+defined here.
 """
 
 from __future__ import annotations
@@ -173,15 +174,35 @@ def prepare_run(training_args) -> str | None:
     return checkpoint
 
 
-def load_model_and_processor(model_args) -> tuple[str, object, object]:
-    """(family, policy, processor) of the recipe's model, frozen and with image resolution as configured."""
-    from balcaprl.models import load_policy, load_processor, model_family, resolve_model_path
+def load_family_and_processor(model_args) -> tuple[str, object]:
+    """(family, processor) of the recipe's model, with the image resolution as configured (no weights loaded)."""
+    from balcaprl.models import load_processor, model_family, resolve_model_path
 
     model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
     family = model_family(model_args.model_name_or_path)
     pixels = {key: getattr(model_args, key) for key in ("min_pixels", "max_pixels") if getattr(model_args, key)}
-    processor = load_processor(model_args.model_name_or_path, **pixels)
-    return family, load_policy(model_args, family), processor
+    return family, load_processor(model_args.model_name_or_path, **pixels)
+
+
+def check_vllm_image_bounds(model_args, image_resize) -> None:
+    """vLLM must not resize the data path's images again: the recipe's pixel bounds lie within the checkpoint's.
+
+    TRL hands vLLM the raw image beside the trainer's already expanded prompt, and vLLM processes images with the
+    checkpoint's own image-processor bounds. An image resized within bounds that those contain keeps its size, so both
+    count the same image tokens; outside them, vLLM would resize it again and its count would not match the prompt.
+    """
+    from balcaprl.models import checkpoint_pixel_bounds
+
+    bounds = checkpoint_pixel_bounds(model_args.model_name_or_path) if image_resize is not None else None
+    if bounds is None:
+        return
+    low, high = bounds
+    if not low <= image_resize.min_pixels <= image_resize.max_pixels <= high:
+        raise RecipeError(
+            f"min_pixels={image_resize.min_pixels} / max_pixels={image_resize.max_pixels} reach outside the "
+            f"checkpoint's own image bounds [{low}, {high}], which vLLM uses: it would resize the images again and "
+            "count other image tokens than the trainer. Keep min_pixels and max_pixels within them."
+        )
 
 
 def print_parameter_breakdown(trainer, family: str) -> None:
@@ -199,8 +220,8 @@ def main(argv: Sequence[str] | None = None):
     require(model_args.model_name_or_path, "model_name_or_path")
     require(data_args.dataset, "dataset")
 
-    from balcaprl.data import corpus_references
-    from balcaprl.models import peft_config
+    from balcaprl.data import corpus_references, resize_images
+    from balcaprl.models import image_resize_for, load_policy, peft_config
     from balcaprl.trainer import BalCapGRPOTrainer
 
     # 2. seed, threads, logging, checkpoint detection (resume from the newest checkpoint in output_dir)
@@ -210,10 +231,19 @@ def main(argv: Sequence[str] | None = None):
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
     reward_funcs = build_reward_funcs(reward_args, training_args, corpus_references(train_dataset))
 
-    # 4. processor and model
-    family, model, processor = load_model_and_processor(model_args)
+    # 4. processor; images resized once, for the policy, so that the trainer, vLLM and the judge see the same pixels
+    family, processor = load_family_and_processor(model_args)
+    image_resize = image_resize_for(processor)
+    if training_args.use_vllm:
+        check_vllm_image_bounds(model_args, image_resize)
+    train_dataset = resize_images(train_dataset, image_resize)
+    if eval_dataset is not None:
+        eval_dataset = resize_images(eval_dataset, image_resize)
 
-    # 5. trainer
+    # 5. model
+    model = load_policy(model_args, family)
+
+    # 6. trainer
     trainer = BalCapGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
@@ -226,7 +256,7 @@ def main(argv: Sequence[str] | None = None):
     )
     print_parameter_breakdown(trainer, family)
 
-    # 6. train and save
+    # 7. train and save
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
