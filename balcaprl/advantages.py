@@ -12,9 +12,14 @@ the term it would produce counts as 0 — the same as TRL's ``nanstd`` followed 
   a_i = Σ_k w_k z_ik                                      (Eq. 7, weights act on normalised advantages)
   A_i = (a_i − mean_batch a) / (std_batch a + ε)          (Eq. 6, batch normalisation)
 - ``scst`` (self-critical sequence training, Rennie et al. 2017; the baseline of arXiv 2503.01333):
-  A_i = Σ_k w_k r_ik − Σ_k w_k b_ik, with b the rewards of the greedy caption of the same prompt. No std scaling.
+  A_i = Σ_k w_k (r_ik − b_ik), with b the rewards of the greedy caption of the same prompt. No std scaling. A term
+  counts only where both r_ik and b_ik are scored: a reward the judge failed on one side says nothing about the
+  difference (counting it as 0 would hand the whole group a spurious advantage of ± w_k r).
 
-Every estimator gives advantage 0 to a completion whose K rewards are all NaN, and never returns NaN or inf.
+Every estimator gives advantage 0 to a completion whose K rewards are all NaN (SCST: that no reward is scored on
+both sides), and never returns NaN or inf. The arithmetic is float64 whatever the input dtype: in float32 the group
+mean of G identical rewards is not always that reward (G = 3, 5, 6, 7), and the batch z-score of c-GDPO blows that
+rounding up to advantages of ~±3 for groups that carry no signal at all.
 """
 
 from __future__ import annotations
@@ -69,10 +74,10 @@ def compute_advantages(
     num_rows, num_rewards = rewards.shape
     if num_generations < 1 or num_rows % num_generations:
         raise ValueError(f"{num_rows} reward rows do not split into groups of num_generations={num_generations}.")
-    rewards = rewards.float()
+    rewards = rewards.double()
     if weights is None:
         weights = torch.ones(num_rewards, device=rewards.device)
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=rewards.device)
+    weights = torch.as_tensor(weights, device=rewards.device).double()
     if weights.shape != (num_rewards,):
         raise ValueError(f"weights must have {num_rewards} entries (one per reward), got {tuple(weights.shape)}.")
     unscorable = torch.isnan(rewards).all(dim=1)
@@ -94,14 +99,14 @@ def compute_advantages(
         if baseline_rewards is None or baseline_rewards.shape != rewards.shape:
             shape = None if baseline_rewards is None else tuple(baseline_rewards.shape)
             raise ValueError(f"scst needs baseline_rewards of shape {tuple(rewards.shape)}, got {shape}.")
-        baseline_rewards = baseline_rewards.to(rewards)
-        advantages = _weighted_sum(rewards, weights) - _weighted_sum(baseline_rewards, weights)
-        # Without a scored greedy caption there is nothing to compare against: no signal, like an unscored sample.
-        unscorable = unscorable | torch.isnan(baseline_rewards).all(dim=1)
+        # NaN wherever either side is unscored, so that the term drops out of the sum.
+        differences = rewards - baseline_rewards.to(rewards)
+        advantages = _weighted_sum(differences, weights)
+        unscorable = torch.isnan(differences).all(dim=1)
 
     advantages = advantages.reshape(num_rows)
     advantages = torch.where(unscorable, torch.zeros_like(advantages), advantages)
-    return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0).float()
 
 
 def distinct_per_group(advantages: torch.Tensor, num_generations: int, decimals: int = 5) -> float:

@@ -37,10 +37,14 @@ def length_ratios(
             row_references = [row_references]
         if row_references is None or len(row_references) == 0:
             raise ValueError(f"Row {row} has no reference caption; length masking needs at least one per row.")
-        reference_length = sum(length_fn(reference) for reference in row_references) / len(row_references)
-        if reference_length == 0:
+        total_reference_length = sum(length_fn(reference) for reference in row_references)
+        if total_reference_length == 0:
             raise ValueError(f"Row {row}: every reference caption is empty ({list(row_references)!r}).")
-        ratios.append(length_fn(caption) / reference_length)
+        # One division of two integers, rounded once: ρ is the double nearest the exact quotient, so comparing it with
+        # a window bound (the double nearest a decimal) decides as exact arithmetic would. Dividing by the mean
+        # length instead rounds twice: 3 words against references of 3, 3 and 4 gave 0.8999999999999999, masked
+        # by a window starting at 0.9.
+        ratios.append(length_fn(caption) * len(row_references) / total_reference_length)
     return torch.tensor(ratios, dtype=torch.float64)
 
 

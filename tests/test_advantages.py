@@ -72,6 +72,38 @@ class TestEstimators:
         baseline = torch.tensor([[NAN], [NAN]])
         assert compute_advantages(rewards, 2, estimator="scst", baseline_rewards=baseline).tolist() == [0.0, 0.0]
 
+    def test_scst_unscored_greedy_reward_drops_out_of_the_difference(self):
+        # The greedy caption's second reward is unscored (judge failure): only the first reward is compared. Counting
+        # the missing one as 0 would add +0.75 to every sample of the group.
+        rewards = torch.tensor([[0.6, 0.8], [0.4, 0.7], [0.55, 0.75], [0.45, 0.72]])
+        baseline = torch.tensor([[0.5, NAN]] * 4)
+        advantages = compute_advantages(rewards, 4, estimator="scst", baseline_rewards=baseline)
+        torch.testing.assert_close(advantages, torch.tensor([0.1, -0.1, 0.05, -0.05]))
+
+    def test_scst_unscored_sample_reward_drops_out_of_the_difference(self):
+        rewards = torch.tensor([[0.6, NAN], [0.4, 0.7]])
+        baseline = torch.tensor([[0.5, 0.75]] * 2)
+        advantages = compute_advantages(rewards, 2, estimator="scst", baseline_rewards=baseline)
+        torch.testing.assert_close(advantages, torch.tensor([0.1, -0.1 - 0.05]))
+
+    def test_scst_no_reward_scored_on_both_sides_gives_zero(self):
+        rewards = torch.tensor([[0.6, NAN], [NAN, 0.7]])
+        baseline = torch.tensor([[NAN, 0.5], [0.5, NAN]])
+        assert compute_advantages(rewards, 2, estimator="scst", baseline_rewards=baseline).tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "c_gdpo"])
+@pytest.mark.parametrize("num_generations", [2, 3, 4, 5, 6, 7, 8, 16])
+def test_groups_constant_on_every_reward_give_exactly_zero(estimator, num_generations):
+    # In float32 the mean of G identical values is not always that value (G = 3, 5, 6, 7): the rounding error, divided
+    # by eps and then batch z-scored, became advantages of up to ~2.9 for groups that carry no signal.
+    generator = torch.Generator().manual_seed(num_generations)
+    per_group = torch.rand(6, 1, 3, generator=generator)  # 6 prompts, 3 rewards, each constant inside its group
+    rewards = per_group.expand(6, num_generations, 3).reshape(-1, 3).contiguous()
+    advantages = compute_advantages(rewards, num_generations, estimator=estimator)
+    assert advantages.dtype == torch.float32
+    assert advantages.abs().max().item() == 0.0
+
 
 class TestNaN:
     @pytest.mark.parametrize("estimator", ["grpo", "c_gdpo", "scst"])

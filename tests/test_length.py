@@ -55,3 +55,24 @@ def test_masked_rewards_become_zero_not_nan():
     torch.testing.assert_close(masked, expected)
     assert rewards[1, 1].isnan()  # input untouched
     torch.testing.assert_close(apply_length_mask(rewards, keep, []), rewards, equal_nan=True)
+
+
+def test_a_caption_exactly_on_a_bound_is_kept():
+    # 3 words against references of 3, 3 and 4 words: ρ = 3 / (10/3) = 9/10 exactly, on the bound of [0.9, 1.1].
+    ratios = length_ratios(["a b c"], [["a b c", "d e f", "g h i j"]])
+    assert length_conditional_mask(ratios, 0.9, 1.1).tolist() == [True]
+
+
+@pytest.mark.parametrize("window", [(0.5, 2.0), (0.9, 1.1), (0.8, 1.25), (0.7, 1.3)])
+def test_window_decisions_equal_exact_rational_arithmetic(window):
+    from fractions import Fraction
+
+    low, high = (Fraction(str(bound)) for bound in window)  # the decimal the recipe wrote
+    captions, references, expected = [], [], []
+    for caption_words in range(0, 25):
+        for reference_words in ([3, 3, 4], [7], [2, 5], [10, 11, 12, 13, 9], [6, 6, 6, 7]):
+            captions.append("w " * caption_words)
+            references.append(["w " * words for words in reference_words])
+            ratio = Fraction(caption_words * len(reference_words), sum(reference_words))
+            expected.append(low <= ratio <= high)
+    assert length_conditional_mask(length_ratios(captions, references), *window).tolist() == expected
