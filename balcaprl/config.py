@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, ModelConfig
 
 from balcaprl.advantages import ESTIMATORS
+from balcaprl.judge import JudgeConfig
 from balcaprl.length import LENGTH_UNITS
 
 LORA_PRESETS = ("language_model", "language_model_attention")
@@ -177,29 +178,15 @@ class CaptionDataConfig:
 
 
 @dataclass
-class RewardConfig:
-    r"""Reward functions and the judge they call (recipe keys of the contract).
+class RewardConfig(JudgeConfig):
+    r"""Reward functions, and the judge they call (the ``judge_*`` keys of `balcaprl.judge.JudgeConfig`).
 
     reward_funcs (`list`): registered names (``precision``, ``recall``, ``linguistic``, ``cider_d``,
         ``length_penalty``, ``world_*``), dotted paths (``my_pkg.rewards:brevity``) or, in YAML, mappings
         ``{name: ..., weight: ..., kwargs...}``; weights given there fill ``reward_weights``.
-    judge_base_url / judge_model: the OpenAI-compatible judge server and the model it serves.
-    judge_api_key_env: NAME of the environment variable holding the API key (the key never goes in a recipe).
-    judge_max_concurrency / judge_timeout / judge_max_retries / judge_cache_dir: see `balcaprl.judge.JudgeClient`.
     """
 
     reward_funcs: list[str] = field(
         default_factory=lambda: ["precision", "recall", "linguistic"],
         metadata={"help": "Reward functions: registered names, dotted paths, or {name, weight, ...} mappings."},
     )
-    judge_base_url: str | None = field(default=None, metadata={"help": "Judge server base URL (…/v1)."})
-    judge_model: str | None = field(default=None, metadata={"help": "Model name served by the judge server."})
-    judge_api_key_env: str | None = field(default=None, metadata={"help": "Env variable holding the judge API key."})
-    judge_max_concurrency: int = field(default=16, metadata={"help": "Judge requests in flight at once."})
-    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds per judge request."})
-    judge_max_retries: int = field(default=4, metadata={"help": "Retries of a failed judge request."})
-    judge_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache of judge answers."})
-
-    def judge_context(self) -> dict:
-        """The ``judge_*`` keys, as `balcaprl.rewards.get_reward_funcs` takes them."""
-        return {key: value for key, value in vars(self).items() if key.startswith("judge_")}

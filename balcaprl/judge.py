@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +59,50 @@ SCHEMA_INSTRUCTION = (
 )
 RETRYABLE_STATUS_CODES = frozenset({408, 429})  # plus every 5xx; 408 is a server-side timeout
 
-# Recipe key → constructor argument. The first two are required; the others fall back to the constructor defaults.
-RECIPE_KEYS = {
-    "judge_base_url": "base_url",
-    "judge_model": "model",
-    "judge_api_key_env": "api_key_env",
-    "judge_max_concurrency": "max_concurrency",
-    "judge_timeout": "timeout",
-    "judge_max_retries": "max_retries",
-    "judge_cache_dir": "cache_dir",
-    # Optional extras, read when a recipe has them:
-    "judge_temperature": "temperature",
-    "judge_max_tokens": "max_tokens",
-    "judge_response_format": "response_format",
-}
+
+@dataclass
+class JudgeConfig:
+    r"""The judge's recipe keys — the one place they are declared. ``judge_<name>`` is `JudgeClient`'s argument
+    ``<name>``; `balcaprl.config.RewardConfig` (recipes, ``TrlParser``), the reward registry and the ``balcaprl
+    evaluate`` options are all derived from these fields.
+
+    judge_base_url / judge_model: the OpenAI-compatible judge server and the model it serves (a judge needs both).
+    judge_api_key_env: NAME of the environment variable holding the API key (the key never goes in a recipe).
+    The others tune `JudgeClient` (concurrency, timeouts, retries, cache, decoding, answer format, backoff).
+    """
+
+    judge_base_url: str | None = field(default=None, metadata={"help": "Judge server base URL (…/v1)."})
+    judge_model: str | None = field(default=None, metadata={"help": "Model name served by the judge server."})
+    judge_api_key_env: str | None = field(
+        default=None, metadata={"help": "NAME of the environment variable holding the judge API key."}
+    )
+    judge_max_concurrency: int = field(default=16, metadata={"help": "Judge requests in flight at once."})
+    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds allowed per judge request."})
+    judge_max_retries: int = field(default=4, metadata={"help": "Retries of a failed judge request."})
+    judge_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache of judge answers."})
+    judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature (0: cacheable)."})
+    judge_max_tokens: int = field(default=512, metadata={"help": "Length limit of a judge answer, in tokens."})
+    judge_response_format: str = field(
+        default="json_schema",
+        metadata={
+            "help": "How the judge is held to the JSON schema: json_schema (constrained decoding), json_object, or "
+            "none (for servers that reject response_format; the prompt alone asks for JSON).",
+            "choices": list(RESPONSE_FORMATS),
+        },
+    )
+    judge_schema_in_prompt: bool = field(default=True, metadata={"help": "Also state the JSON schema in the prompt."})
+    judge_backoff_base_s: float = field(default=0.5, metadata={"help": "First retry delay; doubles per retry."})
+    judge_backoff_max_s: float = field(
+        default=30.0, metadata={"help": "Longest retry delay (also caps a server's Retry-After)."}
+    )
+
+    def judge_context(self) -> dict[str, Any]:
+        """The ``judge_*`` keys and values (what `get_reward_funcs` and `JudgeClient.from_config` read)."""
+        return {key: getattr(self, key) for key in RECIPE_KEYS}
+
+
+RECIPE_KEYS = tuple(item.name for item in fields(JudgeConfig))
+_DEFAULTS = JudgeConfig()
 
 
 # -------------------------------------------------------------------------------------------------------------- images
@@ -264,7 +294,7 @@ class _GiveUp(Exception):
 class JudgeClient:
     """Asynchronous JSON-answer client for an OpenAI-compatible chat server; see the module docstring.
 
-    Args:
+    Args (each is also the recipe key ``judge_<arg>``, declared in `JudgeConfig`):
         base_url: the server's OpenAI base URL, e.g. ``http://127.0.0.1:8000/v1``.
         model: the model name the server serves.
         api_key_env: NAME of the environment variable holding the API key; None for servers without auth.
@@ -288,16 +318,16 @@ class JudgeClient:
         model: str,
         *,
         api_key_env: str | None = None,
-        max_concurrency: int = 16,
-        timeout: float = 60.0,
-        max_retries: int = 4,
-        cache_dir: str | os.PathLike | None = None,
-        temperature: float = 0.0,
-        max_tokens: int = 512,
-        response_format: str | None = "json_schema",
-        schema_in_prompt: bool = True,
-        backoff_base_s: float = 0.5,
-        backoff_max_s: float = 30.0,
+        max_concurrency: int = _DEFAULTS.judge_max_concurrency,
+        timeout: float = _DEFAULTS.judge_timeout,
+        max_retries: int = _DEFAULTS.judge_max_retries,
+        cache_dir: str | os.PathLike | None = _DEFAULTS.judge_cache_dir,
+        temperature: float = _DEFAULTS.judge_temperature,
+        max_tokens: int = _DEFAULTS.judge_max_tokens,
+        response_format: str | None = _DEFAULTS.judge_response_format,
+        schema_in_prompt: bool = _DEFAULTS.judge_schema_in_prompt,
+        backoff_base_s: float = _DEFAULTS.judge_backoff_base_s,
+        backoff_max_s: float = _DEFAULTS.judge_backoff_max_s,
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(
@@ -344,18 +374,18 @@ class JudgeClient:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any, **overrides: Any) -> JudgeClient:
-        """A client from recipe keys (``judge_base_url``, ``judge_model``, ``judge_api_key_env``, …; see RECIPE_KEYS).
+        """A client from recipe keys (``judge_base_url``, ``judge_model``, …; the fields of `JudgeConfig`).
 
-        ``config`` is a mapping or any object with those attributes (e.g. the training config); keys that are missing
+        ``config`` is a mapping or any object with those attributes (e.g. a `JudgeConfig`); keys that are missing
         or None keep the constructor defaults; ``overrides`` are constructor arguments that win over the recipe.
         """
         if isinstance(config, Mapping):
             values = {key: config.get(key) for key in RECIPE_KEYS}
         else:
             values = {key: getattr(config, key, None) for key in RECIPE_KEYS}
-        arguments = {RECIPE_KEYS[key]: value for key, value in values.items() if value is not None}
+        arguments = {key.removeprefix("judge_"): value for key, value in values.items() if value is not None}
         arguments.update(overrides)
-        missing = [key for key in ("judge_base_url", "judge_model") if not arguments.get(RECIPE_KEYS[key])]
+        missing = [key for key in ("judge_base_url", "judge_model") if not arguments.get(key.removeprefix("judge_"))]
         if missing:
             raise ValueError(f"A judge needs the recipe keys {missing}; add them to the recipe (see recipes/).")
         return cls(**arguments)

@@ -21,6 +21,8 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from balcaprl.judge import RECIPE_KEYS
+
 __all__ = [
     "REWARD_BUILDERS",
     "CiderD",
@@ -49,22 +51,12 @@ from balcaprl.rewards.cider import CiderD, CiderDReward, cider_d  # noqa: E402
 # A builder takes the recipe context (its other keys: judge_*, reference_column, corpus_references, ...) and the
 # reward's own keyword arguments from the spec, and returns the reward function.
 
-_JUDGE_KEYS = (
-    "judge_base_url",
-    "judge_model",
-    "judge_api_key_env",
-    "judge_max_concurrency",
-    "judge_timeout",
-    "judge_max_retries",
-    "judge_cache_dir",
-)
-
 
 def _judge(context: dict[str, Any], clients: dict):
     """One `JudgeClient` per distinct judge configuration, shared by the rewards that use it."""
     from balcaprl.judge import JudgeClient
 
-    settings = {key: context.get(key) for key in _JUDGE_KEYS}
+    settings = {key: context.get(key) for key in RECIPE_KEYS}
     identity = tuple(sorted((key, repr(value)) for key, value in settings.items()))
     if identity not in clients:
         clients[identity] = JudgeClient.from_config(settings)
@@ -173,7 +165,7 @@ def get_reward_funcs(specs: Sequence[str | Mapping[str, Any]], **context: Any) -
     for index, spec in enumerate(specs):
         name, kwargs = _split_spec(spec, index)
         if name in REWARD_BUILDERS:
-            judge_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in _JUDGE_KEYS}
+            judge_overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in RECIPE_KEYS}
             builder = REWARD_BUILDERS[name]
             try:
                 inspect.signature(builder).bind(context, clients, **kwargs)

@@ -57,3 +57,45 @@ class TestTrainerValidation:
                 train_dataset=toy_dataset(),
                 processing_class=load_processor(str(tiny_models["qwen2_5_vl"])),
             )
+
+
+def test_every_judge_client_argument_is_a_recipe_key_and_back():
+    import inspect
+    from dataclasses import fields
+
+    from balcaprl.config import RewardConfig
+    from balcaprl.judge import JudgeClient
+
+    client_arguments = set(inspect.signature(JudgeClient.__init__).parameters) - {"self"}
+    recipe_keys = {item.name for item in fields(RewardConfig) if item.name.startswith("judge_")}
+    assert {f"judge_{name}" for name in client_arguments} == recipe_keys
+
+
+def test_a_recipe_with_every_judge_key_reaches_the_client(tmp_path):
+    import yaml
+
+    from balcaprl.rewards import get_reward_funcs
+    from balcaprl.train import RL_CONFIG_TYPES, parse_config
+
+    judge_keys = {
+        "judge_base_url": "http://127.0.0.1:9/v1",
+        "judge_model": "judge",
+        "judge_api_key_env": "JUDGE_KEY",
+        "judge_max_concurrency": 3,
+        "judge_timeout": 7.5,
+        "judge_max_retries": 2,
+        "judge_cache_dir": str(tmp_path / "cache"),
+        "judge_temperature": 0.25,
+        "judge_max_tokens": 99,
+        "judge_response_format": "none",
+        "judge_schema_in_prompt": False,
+        "judge_backoff_base_s": 0.125,
+        "judge_backoff_max_s": 4.0,
+    }
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"reward_funcs": ["recall"], "output_dir": str(tmp_path), **judge_keys}))
+    _, reward_args, _, _ = parse_config(RL_CONFIG_TYPES, ["--config", str(recipe), "--use_cpu", "true"])
+    (recall,) = get_reward_funcs(reward_args.reward_funcs, **reward_args.judge_context())
+    for key, value in judge_keys.items():
+        got = getattr(recall.judge, key.removeprefix("judge_"))
+        assert str(got) == str(value) if key == "judge_cache_dir" else got == value, key
