@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, ModelConfig
 
 from balcaprl.advantages import ESTIMATORS
+from balcaprl.data import BAD_IMAGE_POLICIES, DEFAULT_INSTRUCTION, FORMATS
 from balcaprl.judge import JudgeConfig
-from balcaprl.length import LENGTH_UNITS
+from balcaprl.length import DEFAULT_WINDOW, LENGTH_UNITS
 
 LORA_PRESETS = ("language_model", "language_model_attention")
 
@@ -62,7 +63,7 @@ class BalCapConfig(GRPOConfig):
         metadata={"help": "Reward functions zeroed when the caption/reference length ratio is outside the window."},
     )
     length_mask_window: list[float] = field(
-        default_factory=lambda: [0.5, 2.0],
+        default_factory=lambda: list(DEFAULT_WINDOW),
         metadata={"help": "Inclusive [low, high] window of the caption/reference length ratio."},
     )
     length_unit: str = field(
@@ -153,28 +154,27 @@ class CaptionDataConfig:
     """
 
     dataset: str | None = field(default=None, metadata={"help": "Dataset name, folder, Karpathy JSON or JSONL."})
-    dataset_format: str = field(
-        default="auto", metadata={"help": "Format of `dataset`.", "choices": ["auto", "hf", "karpathy", "jsonl"]}
-    )
+    dataset_format: str = field(default="auto", metadata={"help": "Format of `dataset`.", "choices": list(FORMATS)})
     dataset_split: str = field(default="train", metadata={"help": "Training split."})
     eval_split: str | None = field(default=None, metadata={"help": "Evaluation split (optional)."})
     image_root: str | None = field(default=None, metadata={"help": "Folder relative image paths resolve against."})
     image_column: str = field(default="image", metadata={"help": "Image column of a Hugging Face dataset."})
     caption_column: str = field(default="references", metadata={"help": "Caption column of a Hugging Face dataset."})
-    instruction: str = field(default="Describe this image in detail.", metadata={"help": "Captioning instruction."})
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"help": "Captioning instruction."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on the number of training images."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on the number of evaluation images."})
     restval_as_train: bool = field(default=True, metadata={"help": "Karpathy COCO: train split includes restval."})
     hf_config_name: str | None = field(default=None, metadata={"help": "Hugging Face dataset configuration name."})
     on_bad_image: str = field(
-        default="error", metadata={"help": "Missing/corrupt images: error or skip.", "choices": ["error", "skip"]}
+        default="error",
+        metadata={"help": "Missing/corrupt images: error or skip.", "choices": list(BAD_IMAGE_POLICIES)},
     )
 
     def __post_init__(self):
-        if self.dataset_format not in ("auto", "hf", "karpathy", "jsonl"):
-            raise ValueError(f"dataset_format must be auto, hf, karpathy or jsonl, got {self.dataset_format!r}.")
-        if self.on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
+        if self.dataset_format not in FORMATS:
+            raise ValueError(f"dataset_format must be one of {list(FORMATS)}, got {self.dataset_format!r}.")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {list(BAD_IMAGE_POLICIES)}, got {self.on_bad_image!r}.")
 
 
 @dataclass

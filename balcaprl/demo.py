@@ -28,9 +28,10 @@ from typing import Any
 
 import yaml
 
-from balcaprl.length import length_conditional_mask, length_ratios
+from balcaprl.length import DEFAULT_WINDOW, length_conditional_mask, length_ratios
+from balcaprl.rewards.world import WORLD_REWARDS
 
-WORLD_REWARDS = ["world_precision", "world_recall", "world_linguistic"]
+WINDOW_TEXT = f"[{DEFAULT_WINDOW[0]:g}, {DEFAULT_WINDOW[1]:g}]"
 # The RL recipes log every RL_LOGGING_STEPS steps; the progress bar counts those log lines.
 RL_LOGGING_STEPS = 5
 
@@ -129,7 +130,7 @@ def rl_recipe(settings: DemoSettings, train: Path, sft_model: Path, output_dir: 
         "reward_funcs": list(settings.reward_funcs),
         "advantage_estimator": settings.advantage_estimator,
         "length_mask_rewards": list(settings.length_mask_rewards),
-        "length_mask_window": [0.5, 2.0],
+        "length_mask_window": list(DEFAULT_WINDOW),
         "use_cpu": True,
         "bf16": False,
         "gradient_checkpointing": False,
@@ -221,7 +222,7 @@ METRICS = [
     ("b_capscore", "b-CapScore"),
     ("cider_d", "CIDEr-D"),
     ("length_ratio", "mean length ratio"),
-    ("masked_fraction", "outside [0.5, 2]"),
+    ("masked_fraction", f"outside {WINDOW_TEXT}"),
 ]
 
 
@@ -286,7 +287,7 @@ def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], ti
         f"Tiny Qwen2.5-VL ({settings.hidden_size}-wide, {settings.num_layers} layers, {settings.image_size} px "
         f"images), {settings.train_scenes} training scenes, {settings.test_scenes} held-out test scenes; exact "
         f"rewards (`world_precision`, `world_recall`, `world_linguistic`), {settings.advantage_estimator} advantages, "
-        f"linguistic masked outside the length window [0.5, 2]. RL seeds: {list(settings.rl_seeds)}. "
+        f"linguistic masked outside the length window {WINDOW_TEXT}. RL seeds: {list(settings.rl_seeds)}. "
         f"Machine: {os.cpu_count()} CPU cores. Greedy captions on the held-out scenes.",
         "",
         "| metric | stage 1 (SFT) | BalCapRL, mean ± std over seeds | per seed | gain |",

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from balcaprl.data import DEFAULT_INSTRUCTION
 from balcaprl.models import load_processor, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def generate_captions(
     model,
     processor,
     images: Sequence[Image.Image],
-    instruction: str = "Describe this image in detail.",
+    instruction: str = DEFAULT_INSTRUCTION,
     *,
     batch_size: int = 32,
     max_new_tokens: int = 64,

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 LENGTH_UNITS = ("words", "tokens")
+# BalCapRL's window of ρ (arXiv 2605.07394): rewards kept for 0.5 ≤ ρ ≤ 2.
+DEFAULT_WINDOW = (0.5, 2.0)
 
 
 def word_length(text: str) -> int:
@@ -48,7 +50,9 @@ def length_ratios(
     return torch.tensor(ratios, dtype=torch.float64)
 
 
-def length_conditional_mask(ratios: torch.Tensor, low: float = 0.5, high: float = 2.0) -> torch.Tensor:
+def length_conditional_mask(
+    ratios: torch.Tensor, low: float = DEFAULT_WINDOW[0], high: float = DEFAULT_WINDOW[1]
+) -> torch.Tensor:
     """True where low ≤ ρ ≤ high (the rewards are kept), False where they are masked."""
     if not low <= high:
         raise ValueError(f"The length window must have low <= high, got [{low}, {high}].")

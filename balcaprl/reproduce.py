@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from balcaprl.demo import (
+    WINDOW_TEXT,
     WORLD_REWARDS,
     DemoSettings,
     _log,
@@ -33,6 +34,7 @@ from balcaprl.demo import (
     wait_for,
     write_recipe,
 )
+from balcaprl.length import DEFAULT_WINDOW
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ def write_results(root: Path, settings: ReproduceSettings, sft: dict, results: d
     for arm in (arm for arm in ARMS if arm.experiment == "length"):
         ratios = [ratio for seed in settings.seeds for ratio in results[(arm.name, seed)]["ratios"]]
         axis.hist(ratios, bins=30, range=(0, 3), histtype="step", linewidth=1.5, label=arm.label)
-    axis.axvspan(0.5, 2.0, color="green", alpha=0.08, label="window [0.5, 2]")
+    axis.axvspan(*DEFAULT_WINDOW, color="green", alpha=0.08, label=f"window {WINDOW_TEXT}")
     axis.set_xlabel("caption length / reference length")
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -227,3 +227,7 @@ class WorldLinguistic(_WorldReward):
             for part in ("grammatical", "repetition", "form"):
                 log_extra(f"{self.name}/{part}", [score[part] for score in scores])
         return [score["linguistic"] for score in scores]
+
+
+# The three exact rewards in BalCapRL's order (precision, recall, linguistic), as recipes and the demo name them.
+WORLD_REWARDS = (WorldPrecision.name, WorldRecall.name, WorldLinguistic.name)
