@@ -58,7 +58,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 bench: $(STAMP)  ## trainer overhead, CIDEr-D speed-up, judge-client throughput
-	$(PY) -m balcaprl.bench
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -6,7 +6,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from balcaprl.testing_server import prompt_text  # noqa: E402
 from balcaprl.tiny import build_tiny_model  # noqa: E402
 from tests.judge_servers import (  # noqa: E402
     FaultInjectingServer,
@@ -15,6 +14,7 @@ from tests.judge_servers import (  # noqa: E402
     llama_cpp_server,
     xllamacpp_available,
 )
+from tests.loopback_server import prompt_text  # noqa: E402
 
 # Two threads are slower than one for these tiny models on this 2-core machine.
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """Test-only judge servers: a fault-injecting OpenAI-compatible loopback server and a real llama.cpp server.
 
-- :class:`FaultInjectingServer` extends :class:`balcaprl.testing_server.LoopbackChatServer` with seeded faults (a hang
+- :class:`FaultInjectingServer` extends :class:`tests.loopback_server.LoopbackChatServer` with seeded faults (a hang
   past the client's timeout, HTTP 500 / 429, malformed JSON content, a truncated body, a dropped connection),
   prompts that fail permanently, image-part validation and API-key checking.
 - :func:`llama_cpp_server` starts llama.cpp's own OpenAI-compatible server in-process through ``xllamacpp`` with the
@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from balcaprl.testing_server import (
+from tests.loopback_server import (
     ChatRequestHandler,
     LoopbackChatServer,
     Messages,

@@ -312,7 +312,7 @@ def test_simple_tokenize():
 
 def test_speedup_benchmark_runs_and_agrees():
     pytest.importorskip("pycocoevalcap")
-    from balcaprl.bench.cider import cider_speedup
+    from benchmarks.cider import cider_speedup
 
     result = cider_speedup(num_images=6, num_candidates=3, repeats=1)
     assert set(result) == {"ours_s", "pycocoevalcap_s", "speedup", "max_abs_diff"}

@@ -28,7 +28,7 @@ from balcaprl.evaluate import (
 )
 from balcaprl.evaluate import main as evaluate_main
 from balcaprl.judge import JudgeClient
-from balcaprl.testing_server import prompt_text
+from tests.loopback_server import prompt_text
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

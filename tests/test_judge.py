@@ -18,13 +18,13 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from balcaprl.bench.judge import judge_throughput
 from balcaprl.judge import JudgeClient, extract_json_object, image_message_part, image_to_data_url
-from balcaprl.testing_server import prompt_text
+from benchmarks.judge import judge_throughput
 from tests.judge_servers import (
     FAULTS,
     FaultInjectingServer,
 )
+from tests.loopback_server import prompt_text
 
 SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
 FAST_BACKOFF = {"backoff_base_s": 0.002, "backoff_max_s": 0.01}

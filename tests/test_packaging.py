@@ -25,7 +25,8 @@ def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
     assert "balcaprl/rewards/__init__.py" in names  # the top-level rewards/ folder ships as balcaprl.rewards
     assert "balcaprl/py.typed" in names
     assert "balcaprl/rewards/prompts/precision_v1.txt" in names  # package data: the judge prompts
-    assert not any(name.startswith(("rewards/", "tests/")) for name in names)
+    assert not any(name.startswith(("rewards/", "tests/", "benchmarks/", "balcaprl/bench")) for name in names)
+    assert not any("testing_server" in name or "loopback" in name for name in names)  # test tooling stays out
 
     venv.create(tmp_path / "venv", with_pip=True)
     python = str(tmp_path / "venv" / "bin" / "python")

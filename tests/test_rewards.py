@@ -11,8 +11,8 @@ from PIL import Image
 from balcaprl.judge import JudgeClient
 from balcaprl.rewards import get_reward_funcs, get_reward_weights
 from balcaprl.rewards.judged import LinguisticReward, PrecisionReward, RecallReward, load_prompt
-from balcaprl.testing_server import prompt_text
 from tests.judge_servers import FaultInjectingServer, ScriptedJudge
+from tests.loopback_server import prompt_text
 
 
 def run(coroutine):

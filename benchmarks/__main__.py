@@ -1,4 +1,4 @@
-"""Benchmarks, printed as ratios measured in one run: ``python -m balcaprl.bench [trainer] [cider] [judge]``.
+"""Benchmarks, printed as ratios measured in one run: ``python -m benchmarks [trainer] [cider] [judge]``.
 
 ``make bench`` runs them all:
 
@@ -17,7 +17,7 @@ BENCHMARKS = ["trainer", "cider", "judge"]
 
 
 def _trainer(args) -> None:
-    from balcaprl.bench.trainer import bench_trainer
+    from benchmarks.trainer import bench_trainer
 
     result = bench_trainer(rounds=args.rounds, steps=args.steps)
     print(
@@ -30,7 +30,7 @@ def _trainer(args) -> None:
 
 
 def _cider(args) -> None:
-    from balcaprl.bench.cider import cider_speedup
+    from benchmarks.cider import cider_speedup
 
     result = cider_speedup()
     print(
@@ -42,7 +42,7 @@ def _cider(args) -> None:
 
 
 def _judge(args) -> None:
-    from balcaprl.bench.judge import judge_throughput
+    from benchmarks.judge import judge_throughput
 
     result = judge_throughput()
     print(
@@ -55,7 +55,7 @@ def _judge(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m balcaprl.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     # No `choices=` here: argparse (< 3.12) checks an empty `nargs="*"` list against them and rejects it.
     parser.add_argument("which", nargs="*", help=f"benchmarks to run, any of {BENCHMARKS} (default: all)")
     parser.add_argument("--rounds", type=int, default=6, help="trainer: interleaved rounds per trainer")

@@ -2,8 +2,8 @@
 
 It serves ``POST /v1/chat/completions`` on 127.0.0.1 (a free port chosen by the OS) from a daemon thread, answers
 with whatever a ``responder(messages) -> str`` returns, and can wait a fixed latency per request, which is what the
-throughput benchmark (:mod:`balcaprl.bench.judge`) needs. It ships inside the package because that benchmark uses it;
-the fault-injecting subclass the tests use lives in ``tests/judge_servers.py``.
+throughput benchmark (:mod:`benchmarks.judge`, which imports it from here) needs. Test tooling stays out of the
+installed package; the fault-injecting subclass the tests use lives in ``tests/judge_servers.py``.
 
 Only the standard library is used: ``http.server.ThreadingHTTPServer`` speaking HTTP/1.1 with keep-alive (so a client's
 connection pool is exercised as against a real server), one thread per connection. The server is bounded: use it as
@@ -270,7 +270,7 @@ def loopback_server_process(*, latency_s: float = 0.0, answer: str = '{"score": 
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
     }
-    command = [sys.executable, "-m", "balcaprl.testing_server", "--latency", str(latency_s), "--answer", answer]
+    command = [sys.executable, "-m", "tests.loopback_server", "--latency", str(latency_s), "--answer", answer]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment)
     try:
         line = process.stdout.readline() if process.stdout else ""

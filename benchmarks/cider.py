@@ -1,6 +1,6 @@
 """Speed of `balcaprl.rewards.CiderD` against pycocoevalcap's CiderScorer on GRPO-shaped input.
 
-``python -m balcaprl.bench cider`` prints the result. pycocoevalcap is a dev-only dependency (``pip install
+``python -m benchmarks cider`` prints the result. pycocoevalcap is a dev-only dependency (``pip install
 pycocoevalcap``). Both scorers get identical pre-tokenised captions; ours is timed with its document frequencies
 built beforehand (they are fixed once per training run), pycocoevalcap with the batch's, as it always does.
 """

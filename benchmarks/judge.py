@@ -4,7 +4,7 @@ With ``concurrency`` requests in flight and a server that takes ``latency_s`` pe
 than ``concurrency / latency_s`` requests per second. The benchmark reports the fraction of that bound the client
 reaches; the client's own overhead (HTTP, JSON, schema validation, counters) is what keeps it below 1. Goal: ≥ 0.8.
 
-Run: ``python -m balcaprl.bench.judge [--latency 0.05] [--concurrency 16] [--requests 320]``.
+Run: ``python -m benchmarks.judge [--latency 0.05] [--concurrency 16] [--requests 320]``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import json
 import time
 
 from balcaprl.judge import JudgeClient
-from balcaprl.testing_server import loopback_server_process
+from tests.loopback_server import loopback_server_process
 
 SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
 

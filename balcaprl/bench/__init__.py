@@ -1,1 +1,0 @@
-"""Benchmarks; run ``python -m balcaprl.bench`` (see `balcaprl.bench.__main__`)."""
