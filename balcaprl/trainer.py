@@ -21,9 +21,9 @@ from trl import GRPOTrainer
 from trl.trainer.utils import get_callable_name, is_async_callable
 
 from balcaprl.advantages import compute_advantages, distinct_per_group
+from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
-from balcaprl.rewards import completion_text
 
 
 class RewardFunctionError(RuntimeError):

@@ -14,7 +14,7 @@ import torch
 
 
 def _rewards():
-    from balcaprl.rewards import completion_text
+    from balcaprl.completions import completion_text
 
     def names_colour(prompts, completions, references, **kwargs):
         return [float(refs[0].split()[1] in completion_text(c)) for c, refs in zip(completions, references)]

@@ -21,7 +21,9 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from balcaprl.completions import completion_text
 from balcaprl.judge import RECIPE_KEYS
+from balcaprl.rewards.cider import CiderD, CiderDReward, cider_d
 
 __all__ = [
     "REWARD_BUILDERS",
@@ -33,19 +35,6 @@ __all__ = [
     "get_reward_weights",
 ]
 
-
-def completion_text(completion: Any) -> str:
-    """Text of a TRL completion: a plain string, or a conversational ``[{"role": "assistant", "content": ...}]``."""
-    if isinstance(completion, str):
-        return completion
-    content = completion[-1]["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
-# cider.py imports only numpy at module level (it fetches completion_text lazily), so this import is not circular.
-from balcaprl.rewards.cider import CiderD, CiderDReward, cider_d  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------- registry
 # A builder takes the recipe context (its other keys: judge_*, reference_column, corpus_references, ...) and the

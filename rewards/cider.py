@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from balcaprl.completions import completion_text
+
 __all__ = ["CiderD", "CiderDReward", "cider_d", "simple_tokenize"]
 
 _PUNCTUATION_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
@@ -356,9 +358,6 @@ class CiderDReward:
         references: Sequence[str | Sequence[str]] | None = None,
         **kwargs: Any,
     ) -> list[float]:
-        # Imported here: should balcaprl.rewards re-export this module, a top-level import would be circular.
-        from . import completion_text
-
         if self.reference_column != "references":
             references = kwargs.get(self.reference_column)
         if completions is None:

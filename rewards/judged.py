@@ -25,8 +25,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from balcaprl.completions import completion_text
 from balcaprl.judge import JudgeClient, image_message_part
-from balcaprl.rewards import completion_text
 
 PROMPT_VERSION = "v1"
 

@@ -6,8 +6,8 @@ length-conditional mask, it pushes every caption toward the reference length, no
 
 from __future__ import annotations
 
+from balcaprl.completions import completion_text
 from balcaprl.length import length_ratios
-from balcaprl.rewards import completion_text
 
 
 class LengthPenalty:

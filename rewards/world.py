@@ -32,7 +32,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from balcaprl.rewards import completion_text
+from balcaprl.completions import completion_text
 from balcaprl.world import FACT_KINDS, Fact, ParsedCaption, Scene, parse_caption
 
 __all__ = [

@@ -6,9 +6,9 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig
 
+from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
-from balcaprl.rewards import completion_text
 from balcaprl.tiny import tiny_caption_rows
 from balcaprl.trainer import BalCapGRPOTrainer
 

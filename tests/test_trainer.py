@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from balcaprl.advantages import compute_advantages
+from balcaprl.completions import completion_text
 from balcaprl.length import length_conditional_mask
-from balcaprl.rewards import completion_text
 from tests.helpers import REFERENCE_WORDS, linguistic, make_trainer, mentions_colour, sometimes_unscorable
 
 CONTRACT_METRICS = ["length/ratio_mean", "length/masked_frac", "advantages/distinct_per_group"]
