@@ -94,12 +94,25 @@ class BalCapConfig(GRPOConfig):
         self.length_mask_window = [float(window[0]), float(window[1])]
         if not self.reference_column:
             raise ValueError("reference_column must name a dataset column, got an empty string.")
-        self.multi_objective_aggregation = _TRL_AGGREGATION[self.advantage_estimator]
-        super().__post_init__()
-        if self.advantage_estimator == "grpo" and self.scale_rewards != "group":
+        # TRL settings the estimator decides: a value the user chose that the estimator would ignore is an error,
+        # not a silent override (TRL's defaults, sum_then_normalize and group, are taken as "not chosen").
+        derived = _TRL_AGGREGATION[self.advantage_estimator]
+        if self.multi_objective_aggregation not in (derived, "sum_then_normalize"):
             raise ValueError(
-                f"advantage_estimator='grpo' normalises by the group std (scale_rewards='group'), got "
-                f"scale_rewards={self.scale_rewards!r}; use scale_rewards='group' or another estimator."
+                f"multi_objective_aggregation={self.multi_objective_aggregation!r} has no effect: "
+                f"advantage_estimator={self.advantage_estimator!r} computes the advantages (it matches TRL's "
+                f"{derived!r}). Leave multi_objective_aggregation unset, or choose the estimator instead."
+            )
+        self.multi_objective_aggregation = derived
+        super().__post_init__()
+        if self.scale_rewards != "group":
+            what = {
+                "grpo": "normalises by the group std",
+                "scst": "does not scale (reward minus the greedy caption's)",
+            }.get(self.advantage_estimator, "z-scores each reward in its group, then the sum over the batch")
+            raise ValueError(
+                f"scale_rewards={self.scale_rewards!r} has no effect: advantage_estimator="
+                f"{self.advantage_estimator!r} {what}. Leave scale_rewards at 'group'."
             )
 
 

@@ -10,10 +10,12 @@ import contextlib
 import copy
 import functools
 import math
+import numbers
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather
 from torch import nn
@@ -66,15 +68,19 @@ class _CheckedReward:
                 f"Reward function {self.__name__!r} returned {count} values {where}; it must return one float (or "
                 "None when it cannot score) per completion."
             )
+        checked = []
         for index, value in enumerate(values):
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                value = value.item()  # a 0-d tensor, as TRL accepts
+            if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))):
+                value = math.nan  # reported below: not a number
+            if value is not None and not math.isfinite(value):
                 raise RewardFunctionError(
-                    f"Reward function {self.__name__!r} returned {value!r} for completion {index} {where}; return a "
-                    "finite float, or None for a completion it cannot score."
+                    f"Reward function {self.__name__!r} returned {values[index]!r} for completion {index} {where}; "
+                    "return a finite float, or None for a completion it cannot score."
                 )
-        return list(values)
+            checked.append(None if value is None else float(value))  # numpy scalars become floats
+        return checked
 
     def __call__(self, prompts, completions, **kwargs):
         try:
@@ -117,9 +123,16 @@ class BalCapGRPOTrainer(GRPOTrainer):
             reward_funcs = []
         elif not isinstance(reward_funcs, list):
             reward_funcs = [reward_funcs]
+        if not isinstance(args, BalCapConfig):
+            raise TypeError(f"BalCapGRPOTrainer needs args of type BalCapConfig, got {type(args).__name__}.")
         super().__init__(model, [checked_reward(fn) for fn in reward_funcs], args, **kwargs)
-        if not isinstance(self.args, BalCapConfig):
-            raise TypeError(f"BalCapGRPOTrainer needs args of type BalCapConfig, got {type(self.args).__name__}.")
+        duplicates = sorted({name for name in self.reward_func_names if self.reward_func_names.count(name) > 1})
+        if duplicates:
+            # Metrics, masking and reward weights are addressed by name: two functions of one name would be confused.
+            raise ValueError(
+                f"Reward functions must have distinct names; {duplicates} appear more than once in "
+                f"{self.reward_func_names}. Give each its own __name__ (e.g. a factory that sets it)."
+            )
         unknown = [name for name in self.args.length_mask_rewards if name not in self.reward_func_names]
         if unknown:
             raise ValueError(

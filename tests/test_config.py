@@ -32,6 +32,19 @@ class TestBalCapConfig:
         with pytest.raises(ValueError, match="scale_rewards"):
             make_config(tmp_path, advantage_estimator="grpo", scale_rewards="batch")
 
+    @pytest.mark.parametrize("estimator", ["c_gdpo", "scst"])
+    @pytest.mark.parametrize("scale_rewards", ["batch", "none"])
+    def test_scale_rewards_the_estimator_ignores_is_an_error(self, tmp_path, estimator, scale_rewards):
+        with pytest.raises(ValueError, match=f"scale_rewards='{scale_rewards}' has no effect: .*{estimator}"):
+            make_config(tmp_path, advantage_estimator=estimator, scale_rewards=scale_rewards)
+
+    def test_an_aggregation_the_estimator_overrides_is_an_error(self, tmp_path):
+        with pytest.raises(ValueError, match="multi_objective_aggregation='normalize_then_sum' has no effect"):
+            make_config(tmp_path, advantage_estimator="grpo", multi_objective_aggregation="normalize_then_sum")
+        # the aggregation the estimator itself uses is fine to state
+        config = make_config(tmp_path, advantage_estimator="c_gdpo", multi_objective_aggregation="normalize_then_sum")
+        assert config.multi_objective_aggregation == "normalize_then_sum"
+
     def test_single_string_mask_reward_becomes_a_list(self, tmp_path):
         assert make_config(tmp_path, length_mask_rewards="precision").length_mask_rewards == ["precision"]
 

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,3 +150,27 @@ class TestRewardChecks:
         trainer.train()
         log = next(log for log in trainer.state.log_history if "loss" in log)
         assert log["rewards/async_length/mean"] > 0
+
+
+def numpy_and_tensor_scalars(prompts, completions, **kwargs):
+    """Scalar types TRL accepts from a reward: numpy floats and ints, 0-d tensors, plain floats."""
+    kinds = [np.float32(0.25), np.int64(1), torch.tensor(0.5), 0.75]
+    return [kinds[index % 4] for index in range(len(completions))]
+
+
+def test_numpy_and_tensor_scalars_are_accepted_as_floats(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [linguistic, numpy_and_tensor_scalars], max_steps=1)
+    trainer.train()
+    column = trainer.reward_matrices[0][:, 1]
+    assert column.tolist() == [0.25, 1.0, 0.5, 0.75] * 2
+
+
+def test_two_reward_functions_of_one_name_are_an_error(tiny_models, tmp_path):
+    def make(offset):
+        def mentions(prompts, completions, **kwargs):
+            return [offset] * len(completions)
+
+        return mentions
+
+    with pytest.raises(ValueError, match=r"distinct names; \['mentions'\] appear more than once"):
+        make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [make(0.0), make(1.0)], length_mask_rewards=[])
