@@ -78,18 +78,35 @@ def test_training_steps(tiny_models, tmp_path, family, estimator):
     torch.testing.assert_close(torch.tensor(list(trainer._logs["advantages"])), trainer.generated_advantages[-1])
 
 
-def test_token_length_unit(tiny_models, tmp_path):
-    trainer = make_trainer(
-        tiny_models["qwen2_5_vl"], tmp_path, REWARDS, length_unit="tokens", max_steps=1, length_mask_window=[0.5, 2.0]
+def test_token_length_unit_counts_policy_tokens(tiny_models, tmp_path):
+    from peft import LoraConfig
+
+    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+    from tests.helpers import RecordingTrainer, make_config, toy_dataset
+
+    reference = "a red circle here."
+    dataset = toy_dataset().map(lambda row: {"references": [reference]})
+    path = str(tiny_models["qwen2_5_vl"])
+    trainer = RecordingTrainer(
+        model=path,
+        reward_funcs=REWARDS,
+        args=make_config(tmp_path, length_unit="tokens", max_steps=1),
+        train_dataset=dataset,
+        processing_class=load_processor(path),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LORA_TARGETS),
     )
     trainer.train()
     tokenizer = trainer.processing_class.tokenizer
+
+    def tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     completions = [completion_text(c) for c in trainer._logs["completion"]]
-    reference_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in ["a red circle here."])
-    assert reference_tokens > 0
+    expected = [tokens(completion) / tokens(reference) for completion in completions]
+    by_words = [len(completion.split()) / len(reference.split()) for completion in completions]
+    assert expected != by_words  # the check below tells tokens from words
     log = next(log for log in trainer.state.log_history if "loss" in log)
-    ratio_by_words = sum(len(c.split()) / REFERENCE_WORDS for c in completions) / len(completions)
-    assert log["length/ratio_mean"] != pytest.approx(ratio_by_words)  # tokens, not words, were counted
+    assert log["length/ratio_mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-9)
 
 
 def test_masking_off_without_reference_column_is_allowed(tiny_models, tmp_path):
