@@ -1,7 +1,9 @@
 """`BalCapGRPOTrainer`: TRL's `GRPOTrainer` with BalCapRL's reward masking and advantage estimators.
 
-Generation, the clipped policy loss, KL, PEFT, vLLM and DeepSpeed stay TRL's. This subclass touches two things:
-the reward matrix (length-conditional masking) and the advantages (`balcaprl.advantages.compute_advantages`).
+Generation, the clipped policy loss, KL, PEFT, vLLM and DeepSpeed stay TRL's. This subclass touches the reward matrix
+(length-conditional masking) and the advantages (`balcaprl.advantages.compute_advantages`), and mends TRL 1.16's vLLM
+path for image captioning (`_CaptioningVLLMGeneration`): vision placeholder tokens are never sampled, colocated vLLM
+gets one placeholder per image, and LoRA weights are merged for vLLM without touching the base weights.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, is_peft_model
 from torch import nn
 from trl import GRPOTrainer
+from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import get_callable_name, is_async_callable
 
 from balcaprl.advantages import compute_advantages, distinct_per_group
@@ -106,6 +109,119 @@ def checked_reward(reward_func):
     return (_AsyncCheckedReward if is_async_callable(reward_func) else _CheckedReward)(reward_func)
 
 
+# Config attributes naming the vision placeholder tokens of the supported families (LLaVA: `<image>`; Qwen2.5-VL:
+# `<|image_pad|>`, `<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>`). A caption never contains them, and a sampled
+# image or video pad breaks the next forward pass ("Image features and image tokens do not match").
+VISION_TOKEN_ATTRIBUTES = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def vision_token_ids(config) -> list[int]:
+    """Ids of the vision placeholder tokens a model config declares (`VISION_TOKEN_ATTRIBUTES`), without repeats."""
+    ids = (getattr(config, name, None) for name in VISION_TOKEN_ATTRIBUTES)
+    return list(dict.fromkeys(token_id for token_id in ids if isinstance(token_id, int)))
+
+
+def _collapse_runs(token_ids: list[int], token_id: int) -> list[int]:
+    """``token_ids`` with every run of ``token_id`` shortened to one token."""
+    return [t for i, t in enumerate(token_ids) if t != token_id or i == 0 or token_ids[i - 1] != token_id]
+
+
+@contextlib.contextmanager
+def _swapped_attributes(target, **attributes):
+    """Sets attributes of ``target`` for the duration of the block, then restores them."""
+    saved = {name: getattr(target, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(target, name, value)
+
+
+class _CaptioningVLLMGeneration(VLLMGeneration):
+    """TRL 1.16's `VLLMGeneration` with two fixes for captioning; the trainer sets it as its engine's class.
+
+    - ``generate`` (colocate): TRL sends the processor-expanded prompt with the raw image; vLLM expands the first image
+      placeholder again, so each image's tokens appear twice and only one copy gets features (huggingface/trl#6294).
+      Each run of image tokens is sent as one placeholder instead, and vLLM's processed prompt must then hold as many
+      image tokens as the trainer's, else the rollouts saw another image resolution than the one trained on.
+    - ``_iter_named_params`` (LoRA): TRL merges the adapter into the base weights and unmerges it after the sync,
+      which rounds the base weights twice in bf16 and drifts them a little at every sync. The merged weights are
+      computed beside the base weights instead, which stay untouched; other PEFT methods and FSDP keep TRL's path.
+    """
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        if self.mode != "colocate" or images is None:
+            return super().generate(prompts, images, num_generations, profiler)
+        image_token_id = self.processing_class.image_token_id
+        collapsed = [_collapse_runs(list(ids), image_token_id) for ids in prompts]
+        output = super().generate(collapsed, images, num_generations, profiler)
+        for index, (ours, engines) in enumerate(zip(prompts, output[0])):
+            ours_count, engine_count = list(ours).count(image_token_id), list(engines).count(image_token_id)
+            if ours_count != engine_count:
+                raise ValueError(
+                    f"vLLM processed the image(s) of prompt {index} of this batch into {engine_count} image tokens, "
+                    f"the trainer's processor into {ours_count}: the rollouts were sampled from another image "
+                    "resolution than the one trained on. vLLM resizes with the checkpoint's default processor "
+                    "settings; resize the images once in the data (the recipe's min_pixels / max_pixels) so both see "
+                    "the same pixels."
+                )
+        return output
+
+    def _iter_named_params(self):
+        model = self.model
+        if not is_peft_model(model) or self._dist.is_fsdp:
+            yield from super()._iter_named_params()
+            return
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuner_layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        if any(not isinstance(layer, LoraLayer) or layer.lora_variant for layer in tuner_layers):
+            yield from super()._iter_named_params()  # DoRA and non-LoRA adapters: TRL's merge / unmerge
+            return
+        with self._dist.gather_params(list(model.parameters())):
+            merged = {}
+            for layer in tuner_layers:
+                if not layer.merged:
+                    merged.update(_merged_lora_tensors(layer))
+            for name, param in model.named_parameters():
+                # The parameter names TRL sends (see VLLMGeneration._iter_named_params).
+                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                if model.prefix in name or "original_module" in name:
+                    continue
+                name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])
+                yield name, merged.get(id(param), param.data)
+
+
+def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
+    """The base weight (and bias) of a LoRA layer with its active adapters merged, by `id` of the base parameter.
+
+    Same arithmetic as peft's ``LoraLayer.merge`` (each adapter's delta added in turn, rounded to the base dtype),
+    so the values equal what ``merge_adapter`` would produce, but written to new tensors.
+    """
+    base = layer.get_base_layer()
+    weight = base.weight.data
+    bias = base.bias.data if getattr(base, "bias", None) is not None else None
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
+            continue
+        weight = (weight + layer.get_delta_weight(adapter)).to(base.weight.dtype)
+        if layer.lora_bias.get(adapter) and bias is not None:
+            bias = (bias + layer.lora_B[adapter].bias * layer.scaling[adapter]).to(base.bias.dtype)
+    merged = {id(base.weight): weight}
+    if bias is not None:
+        merged[id(base.bias)] = bias
+    return merged
+
+
 class BalCapGRPOTrainer(GRPOTrainer):
     """GRPO trainer for captioning with c-GDPO / GRPO / SCST advantages and length-conditional reward masking.
 
@@ -116,6 +232,10 @@ class BalCapGRPOTrainer(GRPOTrainer):
 
     Reward functions are checked: one finite float or None per completion, else `RewardFunctionError` naming the
     reward and the step; an exception inside a reward is re-raised the same way.
+
+    Vision placeholder tokens (`vision_token_ids`) are never sampled: with vLLM through its ``bad_words`` sampling
+    parameter (honoured in colocate and server mode), with transformers through ``suppress_tokens``. With vLLM,
+    SCST's greedy baseline is decoded by the vLLM engine too (temperature 0).
     """
 
     def __init__(self, model, reward_funcs, args: BalCapConfig | None = None, **kwargs):
@@ -145,6 +265,31 @@ class BalCapGRPOTrainer(GRPOTrainer):
         judges = (getattr(fn, "judge", None) for fn in self.reward_funcs)
         self._judges = list({id(judge): judge for judge in judges if hasattr(judge, "pop_metrics")}.values())
         self._last_scored: dict[str, Any] = {}
+        self._forbid_vision_tokens()
+
+    def _forbid_vision_tokens(self) -> None:
+        """Keeps vision placeholder tokens out of sampled captions, on the vLLM and on the transformers path."""
+        token_ids = vision_token_ids(self.model.config) if self._is_vlm else []
+        if not self.use_vllm:
+            if token_ids:  # TRL suppresses the image token only
+                suppressed = list(self.generation_config.suppress_tokens or [])
+                self.generation_config.suppress_tokens = suppressed + [t for t in token_ids if t not in suppressed]
+            return
+        self.vllm_generation.__class__ = _CaptioningVLLMGeneration
+        # vLLM's `bad_words` are strings (JSON-safe for server mode, unlike logit_bias's int keys) that vLLM tokenizes
+        # without special tokens; a one-token bad word gets logit -inf at every step, which no model output can beat.
+        words = self._tokenizer.convert_ids_to_tokens(token_ids)
+        for word, token_id in zip(words, token_ids):
+            encoded = self._tokenizer.encode(word, add_special_tokens=False)
+            if encoded != [token_id]:
+                raise ValueError(
+                    f"The vision token {word!r} (id {token_id}) tokenizes to {encoded}, not to itself, so vLLM's "
+                    "bad_words cannot forbid it; the tokenizer must declare it as a special (added) token."
+                )
+        kwargs = dict(self.vllm_generation.generation_kwargs)  # a copy: never edit the user's config in place
+        bad_words = list(kwargs.get("bad_words") or [])
+        kwargs["bad_words"] = bad_words + [word for word in words if word not in bad_words]
+        self.vllm_generation.generation_kwargs = kwargs
 
     def _token_length(self, text: str) -> int:
         return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -224,10 +369,17 @@ class BalCapGRPOTrainer(GRPOTrainer):
     def _greedy_baseline_rewards(self, inputs, prompts, num_generations: int) -> torch.Tensor:
         """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group."""
         # Rows of one prompt are contiguous in the global batch; decode once per prompt held by this process.
-        first_global_row = self.accelerator.process_index * len(inputs)
-        group_of_row = [(first_global_row + row) // num_generations for row in range(len(inputs))]
-        first_rows = [row for row in range(len(inputs)) if row == 0 or group_of_row[row] != group_of_row[row - 1]]
-        greedy_ids = self._generate_greedy([prompts[row] for row in first_rows])
+        rows = len(inputs)
+        first_global_row = self.accelerator.process_index * rows
+        group_of_row = [(first_global_row + row) // num_generations for row in range(rows)]
+        first_rows = [row for row in range(rows) if row == 0 or group_of_row[row] != group_of_row[row - 1]]
+        # The most groups any process's rows touch: the same number on every process, which vLLM's collective
+        # gathers (server mode, tensor-parallel groups) need.
+        most_groups = max(
+            ((first + rows - 1) // num_generations) - (first // num_generations) + 1
+            for first in range(0, rows * self.accelerator.num_processes, rows)
+        )
+        greedy_ids = self._generate_greedy([prompts[row] for row in first_rows], most_groups)
         ids_per_group = dict(zip((group_of_row[row] for row in first_rows), greedy_ids))
         completion_ids = [ids_per_group[group] for group in group_of_row]
         texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
@@ -240,25 +392,31 @@ class BalCapGRPOTrainer(GRPOTrainer):
         finally:
             self._pending_extra_logs, self._pending_metrics = saved_extra, saved_metrics
 
-    def _generate_greedy(self, prompts: list) -> list[list[int]]:
-        """Greedy decoding through TRL's own transformers generation path (also when training samples with vLLM)."""
+    def _generate_greedy(self, prompts: list, num_requests: int) -> list[list[int]]:
+        """One greedy completion per prompt: by the vLLM engine (temperature 0) when TRL samples with vLLM, else by
+        TRL's transformers path. ``num_requests`` (>= len(prompts), equal on every process) is how many prompts go to
+        vLLM: the first prompt repeated pads the batch, and its extra completions are dropped."""
+        if not self.use_vllm:
+            return self._generate_greedy_transformers(prompts)
+        padded = prompts + [prompts[0]] * (num_requests - len(prompts))
+        prompt_ids, images, _ = self._tokenize_prompts(padded)
+        if self.state.global_step != self._last_loaded_step:  # as TRL does before sampling
+            self.vllm_generation.sync_weights()
+            self._last_loaded_step = self.state.global_step
+        with _swapped_attributes(self.vllm_generation, temperature=0.0):
+            _, completion_ids, _, _ = self.vllm_generation.generate(
+                prompts=prompt_ids, images=images, num_generations=1
+            )
+        return completion_ids[: len(prompts)]
+
+    def _generate_greedy_transformers(self, prompts: list) -> list[list[int]]:
+        """Greedy decoding through TRL's own transformers generation path."""
         prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)
         greedy_config = copy.deepcopy(self.generation_config)
         greedy_config.do_sample = False
         for sampling_only in ("temperature", "top_p", "top_k", "min_p"):
             setattr(greedy_config, sampling_only, None)
         transformers_path = {"use_vllm": False, "use_transformers_continuous_batching": False}
-        with self._swapped(generation_config=greedy_config, **transformers_path):
+        with _swapped_attributes(self, generation_config=greedy_config, **transformers_path):
             completion_ids, _ = self._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations=1)
         return completion_ids
-
-    @contextlib.contextmanager
-    def _swapped(self, **attributes):
-        saved = {name: getattr(self, name) for name in attributes}
-        for name, value in attributes.items():
-            setattr(self, name, value)
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                setattr(self, name, value)

@@ -1,0 +1,5 @@
+"""Import target of TRL's vLLM client; server-mode NCCL weight transfer is not part of the stand-in."""
+
+
+def trainer_init(*args, **kwargs):
+    raise NotImplementedError("vLLM stand-in: server-mode NCCL weight transfer is not supported (use colocate).")
