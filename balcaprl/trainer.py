@@ -222,6 +222,19 @@ def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
     return merged
 
 
+def _pad_prompts_on_the_left(processing_class) -> None:
+    """Left padding and truncation, as TRL sets them on a processor it loads itself (but not on one it is given).
+
+    TRL left-pads the prompt ids, but pads per-token processor outputs such as Qwen2.5-VL's ``mm_token_type_ids`` with
+    the processor's own padding side. With right padding, a batch whose images differ in size (so its prompts differ
+    in length) gets its M-RoPE positions from misaligned token types: a shape-mismatch crash in ``get_rope_index``.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    if tokenizer is not None and hasattr(tokenizer, "padding_side"):
+        tokenizer.padding_side = "left"
+        tokenizer.truncation_side = "left"
+
+
 class BalCapGRPOTrainer(GRPOTrainer):
     """GRPO trainer for captioning with c-GDPO / GRPO / SCST advantages and length-conditional reward masking.
 
@@ -245,6 +258,7 @@ class BalCapGRPOTrainer(GRPOTrainer):
             reward_funcs = [reward_funcs]
         if not isinstance(args, BalCapConfig):
             raise TypeError(f"BalCapGRPOTrainer needs args of type BalCapConfig, got {type(args).__name__}.")
+        _pad_prompts_on_the_left(kwargs.get("processing_class"))
         super().__init__(model, [checked_reward(fn) for fn in reward_funcs], args, **kwargs)
         duplicates = sorted({name for name in self.reward_func_names if self.reward_func_names.count(name) > 1})
         if duplicates:

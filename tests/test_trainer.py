@@ -191,3 +191,37 @@ def test_two_reward_functions_of_one_name_are_an_error(tiny_models, tmp_path):
 
     with pytest.raises(ValueError, match=r"distinct names; \['mentions'\] appear more than once"):
         make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [make(0.0), make(1.0)], length_mask_rewards=[])
+
+
+def test_a_batch_of_images_of_different_sizes_trains(tiny_models, tmp_path):
+    # Different image sizes give prompts of different lengths. TRL left-pads the prompt ids but pads Qwen2.5-VL's
+    # mm_token_type_ids with the processor's padding side: right padding crashed get_rope_index (shape mismatch).
+    import json
+
+    from peft import LoraConfig
+    from PIL import Image
+
+    from balcaprl.data import load_caption_dataset
+    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, image_resize_for, load_processor
+    from tests.helpers import RecordingTrainer, make_config
+
+    path = str(tiny_models["qwen2_5_vl"])
+    processor = load_processor(path, min_pixels=112 * 112, max_pixels=168 * 168)
+    assert processor.tokenizer.padding_side == "right"  # as saved: the trainer must not rely on it
+    lines = []
+    for index, (size, colour) in enumerate([((56, 56), "red"), ((300, 200), "blue"), ((90, 250), "green")] * 3):
+        Image.new("RGB", size, colour).save(tmp_path / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "references": [f"a {colour} square here."]}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    dataset = load_caption_dataset(tmp_path / "data.jsonl", image_resize=image_resize_for(processor))
+    trainer = RecordingTrainer(
+        model=path,
+        reward_funcs=[mentions_colour, linguistic],
+        args=make_config(tmp_path / "out", max_steps=1),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LORA_TARGETS),
+    )
+    trainer.train()
+    assert processor.tokenizer.padding_side == "left"
+    assert len(trainer.loss_advantages) == 1

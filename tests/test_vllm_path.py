@@ -64,7 +64,9 @@ class VLLMRecordingTrainer(RecordingTrainer):
         return super()._greedy_baseline_rewards(inputs, prompts, num_generations)
 
 
-def vllm_trainer(model_path, output_dir, *, lora=True, model=None, processing_class=None, **overrides):
+def vllm_trainer(
+    model_path, output_dir, *, lora=True, model=None, processing_class=None, train_dataset=None, **overrides
+):
     """A recording trainer sampling with TRL's colocated vLLM (the stand-in), LoRA on the language model."""
     from peft import LoraConfig
 
@@ -74,7 +76,7 @@ def vllm_trainer(model_path, output_dir, *, lora=True, model=None, processing_cl
         model=model if model is not None else str(model_path),
         reward_funcs=REWARDS,
         args=make_config(output_dir, **settings),
-        train_dataset=toy_dataset(),
+        train_dataset=train_dataset if train_dataset is not None else toy_dataset(),
         processing_class=processing_class or load_processor(str(model_path)),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LORA_TARGETS) if lora else None,
     )
@@ -210,12 +212,10 @@ def with_real_qwen_processor_defaults(source: Path, destination: Path) -> Path:
     return destination
 
 
-def test_trainer_and_engine_image_token_counts_must_agree(vllm_standin, tiny_models, tmp_path):
+def test_without_the_data_path_resize_the_counts_disagree_and_training_stops(vllm_standin, tiny_models, tmp_path):
     """The recipe's min/max_pixels reach the trainer's processor only; vLLM processes the raw 56x56 image with the
-    checkpoint's defaults (4 image tokens) while the trainer upsizes it to 112x112 (16 tokens).
-
-    Flip this test when the data path resizes images once with the recipe's bounds: the engine then receives the
-    112x112 image, its default processing gives 16 tokens too, and training must run."""
+    checkpoint's defaults (4 image tokens) while the trainer upsizes it to 112x112 (16 tokens). Rows that skipped the
+    data path's resize (a hand-built dataset here) are caught, not sampled from another resolution."""
     path = with_real_qwen_processor_defaults(tiny_models["qwen2_5_vl"], tmp_path / "model")
     recipe_processor = load_processor(str(path), min_pixels=112 * 112, max_pixels=112 * 112)
     trainer = vllm_trainer(path, tmp_path / "run", processing_class=recipe_processor)
@@ -223,6 +223,37 @@ def test_trainer_and_engine_image_token_counts_must_agree(vllm_standin, tiny_mod
         trainer.train()
     processed = engine(trainer).requests[-1][1][0].prompt_token_ids
     assert processed.count(recipe_processor.image_token_id) == 4
+
+
+def test_data_path_resize_gives_the_engine_the_trainers_image_tokens(vllm_standin, tiny_models, tmp_path):
+    """Images resized once when rows are read (`ImageResize` at the recipe's bounds): vLLM's default processing of
+    the row's image counts what the trainer's processor counts, for images of several sizes and aspect ratios."""
+    from PIL import Image
+
+    from balcaprl.data import load_caption_dataset
+    from balcaprl.models import image_resize_for
+
+    path = with_real_qwen_processor_defaults(tiny_models["qwen2_5_vl"], tmp_path / "model")
+    recipe_processor = load_processor(str(path), min_pixels=112 * 112, max_pixels=168 * 168)
+    lines = []
+    for index, (size, colour) in enumerate([((56, 56), "red"), ((300, 200), "blue"), ((90, 250), "green")] * 3):
+        Image.new("RGB", size, colour).save(tmp_path / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "references": [f"a {colour} square here."]}))
+    (tmp_path / "data.jsonl").write_text("\n".join(lines[:8]) + "\n")
+    dataset = load_caption_dataset(tmp_path / "data.jsonl", image_resize=image_resize_for(recipe_processor))
+    trainer = vllm_trainer(
+        path, tmp_path / "run", processing_class=recipe_processor, train_dataset=dataset, max_steps=2
+    )
+    trainer.train()  # the trainer compares both counts on every batch and raises on a difference
+
+    image_token_id = recipe_processor.image_token_id
+    counts = {
+        output.prompt_token_ids.count(image_token_id) for _, outputs in engine(trainer).requests for output in outputs
+    }
+    expected = {
+        image_resize_for(recipe_processor).num_image_tokens(*size) for size in [(56, 56), (300, 200), (90, 250)]
+    }
+    assert counts <= expected and len(counts) > 1  # several resolutions were sampled, each as the trainer saw it
 
 
 def test_engine_refuses_an_already_expanded_prompt(vllm_standin, tiny_models):
