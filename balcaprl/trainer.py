@@ -339,9 +339,10 @@ class BalCapGRPOTrainer(GRPOTrainer):
         baseline = None
         if self.args.advantage_estimator == "scst":
             baseline = self._greedy_baseline_rewards(inputs, scored["prompts"], num_generations)
-            self._metrics[mode]["scst/baseline_reward"].append(
-                torch.nanmean(torch.nansum(baseline * self.reward_weights.to(baseline.device), dim=1)).item()
-            )
+            # Weighted baseline reward over the greedy captions with at least one reward scored (unscored ≠ 0).
+            weighted = torch.nansum(baseline * self.reward_weights.to(baseline.device), dim=1)
+            weighted[torch.isnan(baseline).all(dim=1)] = torch.nan
+            self._metrics[mode]["scst/baseline_reward"].append(torch.nanmean(weighted[::num_generations]).item())
         advantages = compute_advantages(
             rewards,
             num_generations,
@@ -381,39 +382,56 @@ class BalCapGRPOTrainer(GRPOTrainer):
             self._metrics[mode][name].append(value)
 
     def _greedy_baseline_rewards(self, inputs, prompts, num_generations: int) -> torch.Tensor:
-        """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group."""
-        # Rows of one prompt are contiguous in the global batch; decode once per prompt held by this process.
-        rows = len(inputs)
+        """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group.
+
+        Each process decodes and scores one greedy caption per group its rows touch (a group straddling two
+        processes is decoded by both, identically), padded to the same count on every process, since decoding with
+        vLLM and gathering the rewards are collective. The reward functions see each greedy caption once.
+        """
+        rows, processes = len(inputs), self.accelerator.num_processes
+
+        def groups_of(process: int) -> list[int]:
+            """The groups process ``process``'s rows touch, padded with the first to the same count everywhere."""
+            first, last = process * rows // num_generations, (process * rows + rows - 1) // num_generations
+            return list(range(first, last + 1))
+
+        most_groups = max(len(groups_of(process)) for process in range(processes))
+        padded_groups = [
+            (groups + groups[:1] * most_groups)[:most_groups] for groups in map(groups_of, range(processes))
+        ]
         first_global_row = self.accelerator.process_index * rows
-        group_of_row = [(first_global_row + row) // num_generations for row in range(rows)]
-        first_rows = [row for row in range(rows) if row == 0 or group_of_row[row] != group_of_row[row - 1]]
-        # The most groups any process's rows touch: the same number on every process, which vLLM's collective
-        # gathers (server mode, tensor-parallel groups) need.
-        most_groups = max(
-            ((first + rows - 1) // num_generations) - (first // num_generations) + 1
-            for first in range(0, rows * self.accelerator.num_processes, rows)
-        )
-        greedy_ids = self._generate_greedy([prompts[row] for row in first_rows], most_groups)
-        ids_per_group = dict(zip((group_of_row[row] for row in first_rows), greedy_ids))
-        completion_ids = [ids_per_group[group] for group in group_of_row]
-        texts = self.processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        local_rows = [
+            max(group * num_generations - first_global_row, 0)
+            for group in padded_groups[self.accelerator.process_index]
+        ]
+
+        greedy_ids = self._generate_greedy([prompts[row] for row in local_rows])
+        texts = self.processing_class.batch_decode(greedy_ids, skip_special_tokens=True)
         completions = [[{"role": "assistant", "content": text}] for text in texts]
         # Reward functions may log per-completion extras; the baseline's must not shift the sampled table.
         saved_extra, saved_metrics = self._pending_extra_logs, self._pending_metrics
         self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
         try:
-            return self._calculate_rewards(inputs, prompts, completions, completion_ids)
+            scored = self._calculate_rewards(
+                [inputs[row] for row in local_rows], [prompts[row] for row in local_rows], completions, greedy_ids
+            )
         finally:
             self._pending_extra_logs, self._pending_metrics = saved_extra, saved_metrics
+        # Gathered in process order: entry k of process p is group padded_groups[p][k].
+        entry_of_group = {}
+        for process, groups in enumerate(padded_groups):
+            for k, group in enumerate(groups):
+                entry_of_group.setdefault(group, process * most_groups + k)
+        index = [entry_of_group[row // num_generations] for row in range(rows * processes)]
+        return scored[torch.tensor(index, device=scored.device)]
 
-    def _generate_greedy(self, prompts: list, num_requests: int) -> list[list[int]]:
+    def _generate_greedy(self, prompts: list) -> list[list[int]]:
         """One greedy completion per prompt: by the vLLM engine (temperature 0) when TRL samples with vLLM, else by
-        TRL's transformers path. ``num_requests`` (>= len(prompts), equal on every process) is how many prompts go to
-        vLLM: the first prompt repeated pads the batch, and its extra completions are dropped."""
+        TRL's transformers path. Every process must pass the same number of prompts (vLLM's gathers are collective
+        in server mode and in tensor-parallel groups)."""
         if not self.use_vllm:
             return self._generate_greedy_transformers(prompts)
-        padded = prompts + [prompts[0]] * (num_requests - len(prompts))
-        prompt_ids, images, _ = self._tokenize_prompts(padded)
+        prompt_ids, images, _ = self._tokenize_prompts(prompts)
         if self.state.global_step != self._last_loaded_step:  # as TRL does before sampling
             self.vllm_generation.sync_weights()
             self._last_loaded_step = self.state.global_step
@@ -421,16 +439,24 @@ class BalCapGRPOTrainer(GRPOTrainer):
             _, completion_ids, _, _ = self.vllm_generation.generate(
                 prompts=prompt_ids, images=images, num_generations=1
             )
-        return completion_ids[: len(prompts)]
+        return completion_ids
 
     def _generate_greedy_transformers(self, prompts: list) -> list[list[int]]:
-        """Greedy decoding through TRL's own transformers generation path."""
+        """Greedy decoding through TRL's own transformers generation path, in eval mode (no LoRA / model dropout:
+        the baseline is the policy's deterministic caption), the training mode restored after."""
         prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)
         greedy_config = copy.deepcopy(self.generation_config)
         greedy_config.do_sample = False
         for sampling_only in ("temperature", "top_p", "top_k", "min_p"):
             setattr(greedy_config, sampling_only, None)
         transformers_path = {"use_vllm": False, "use_transformers_continuous_batching": False}
-        with _swapped_attributes(self, generation_config=greedy_config, **transformers_path):
-            completion_ids, _ = self._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations=1)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with _swapped_attributes(self, generation_config=greedy_config, **transformers_path):
+                completion_ids, _ = self._generate_single_turn(
+                    prompt_ids, images, multimodal_fields, num_generations=1
+                )
+        finally:
+            self.model.train(was_training)
         return completion_ids

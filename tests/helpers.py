@@ -45,11 +45,15 @@ def sometimes_unscorable(prompts, completions, **kwargs):
 
 
 class RecordingTrainer(BalCapGRPOTrainer):
-    """Keeps, per generation, the reward matrices scored and the advantages produced and received by the loss."""
+    """Keeps, per generation, the reward matrices scored, SCST baselines, and the advantages produced and received by
+    the loss."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Reward matrices as scored, in order: per step the samples' (N rows), then for SCST the greedy captions'
+        # (one row per prompt); `baseline_matrices`: SCST baselines as the advantages use them (one row per sample).
         self.reward_matrices: list[torch.Tensor] = []
+        self.baseline_matrices: list[torch.Tensor] = []
         self.generated_advantages: list[torch.Tensor] = []
         self.loss_advantages: list[torch.Tensor] = []
 
@@ -57,6 +61,11 @@ class RecordingTrainer(BalCapGRPOTrainer):
         rewards = super()._calculate_rewards(*args, **kwargs)
         self.reward_matrices.append(rewards.detach().cpu().clone())
         return rewards
+
+    def _greedy_baseline_rewards(self, *args, **kwargs):
+        baseline = super()._greedy_baseline_rewards(*args, **kwargs)
+        self.baseline_matrices.append(baseline.detach().cpu().clone())
+        return baseline
 
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)

@@ -49,7 +49,7 @@ def test_training_steps(tiny_models, tmp_path, family, estimator):
     # The advantages are compute_advantages(reward matrix), and the loss received exactly those.
     matrices = trainer.reward_matrices
     samples = matrices[::2] if estimator == "scst" else matrices
-    baselines = matrices[1::2] if estimator == "scst" else [None] * len(samples)
+    baselines = trainer.baseline_matrices if estimator == "scst" else [None] * len(samples)
     assert len(samples) == len(trainer.generated_advantages) == len(trainer.loss_advantages) == 2
     for rewards, baseline, generated, received in zip(
         samples, baselines, trainer.generated_advantages, trainer.loss_advantages
@@ -59,11 +59,10 @@ def test_training_steps(tiny_models, tmp_path, family, estimator):
         torch.testing.assert_close(received.sort().values, expected.sort().values)  # TRL shuffles the batch
         assert torch.isfinite(received).all()
     if estimator == "scst":
-        # one greedy caption per prompt: the caption-dependent baseline rewards are constant inside each group of 4
-        # (the third test reward fails by position, not by caption)
-        for baseline in baselines:
-            grouped = baseline[:, :2].nan_to_num(-1.0).view(-1, 4, 2)
-            assert (grouped == grouped[:, :1]).all()
+        # one greedy caption per prompt, scored once: 2 rows for the 2 prompts, repeated over each group of 4
+        for scored_once, baseline in zip(matrices[1::2], baselines, strict=True):
+            assert scored_once.shape == (2, 3)
+            torch.testing.assert_close(baseline, scored_once.repeat_interleave(4, dim=0), equal_nan=True)
 
     # The logged rewards are the masked ones: "linguistic" is 0 exactly where the caption's length ratio is
     # outside [0.5, 2] (every toy reference has REFERENCE_WORDS words), and the logged advantages are ours.
@@ -225,3 +224,33 @@ def test_a_batch_of_images_of_different_sizes_trains(tiny_models, tmp_path):
     trainer.train()
     assert processor.tokenizer.padding_side == "left"
     assert len(trainer.loss_advantages) == 1
+
+
+def test_scst_greedy_baseline_is_decoded_without_dropout(tiny_models, tmp_path):
+    # LoRA dropout (TRL's default 0.05 with use_peft) made three "greedy" decodes with three seeds differ.
+    from peft import LoraConfig
+
+    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+    from tests.helpers import RecordingTrainer, make_config, toy_dataset
+
+    path = str(tiny_models["qwen2_5_vl"])
+    trainer = RecordingTrainer(
+        model=path,
+        reward_funcs=REWARDS,
+        args=make_config(tmp_path, advantage_estimator="scst"),
+        train_dataset=toy_dataset(),
+        processing_class=load_processor(path),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.9, target_modules=LANGUAGE_MODEL_LORA_TARGETS),
+    )
+    with torch.no_grad():  # non-zero adapters, so that their dropout matters
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    trainer.model.train()
+    prompts = [toy_dataset()[index]["prompt"] for index in range(2)]
+    decodes = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        decodes.append(trainer._generate_greedy(prompts))
+    assert decodes[0] == decodes[1] == decodes[2]
+    assert trainer.model.training  # the training mode is restored

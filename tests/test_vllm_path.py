@@ -116,7 +116,7 @@ def test_estimators_train_with_vllm(vllm_standin, tiny_models, tmp_path, family,
 
     matrices = trainer.reward_matrices
     samples = matrices[::2] if estimator == "scst" else matrices
-    baselines = matrices[1::2] if estimator == "scst" else [None] * len(samples)
+    baselines = trainer.baseline_matrices if estimator == "scst" else [None] * len(samples)
     for rewards, baseline, generated in zip(samples, baselines, trainer.generated_advantages, strict=True):
         expected = compute_advantages(rewards, 4, estimator=estimator, baseline_rewards=baseline)
         torch.testing.assert_close(generated, expected)
@@ -127,13 +127,13 @@ def test_estimators_train_with_vllm(vllm_standin, tiny_models, tmp_path, family,
     # SCST's baseline: one temperature-0 (greedy) request per step, one prompt per group, and the baseline rewards
     # are the rewards of exactly those engine completions.
     assert len(greedy) == 2
-    for (params, outputs), baseline, rows in zip(greedy, baselines, trainer.baseline_inputs, strict=True):
+    for (params, outputs), scored_once, rows in zip(greedy, matrices[1::2], trainer.baseline_inputs, strict=True):
         assert all(p.n == 1 and p.sampling_type_is_greedy for p in params) and len(outputs) == 2
         greedy_ids = [output.outputs[0].token_ids for output in outputs]
         texts = trainer.processing_class.batch_decode(greedy_ids, skip_special_tokens=True)
-        completions = [[{"role": "assistant", "content": texts[row // 4]}] for row in range(8)]
-        expected = mentions_colour(None, completions, [row["references"] for row in rows])
-        assert baseline[:, 0].tolist() == expected
+        completions = [[{"role": "assistant", "content": text}] for text in texts]
+        expected = mentions_colour(None, completions, [rows[0]["references"], rows[4]["references"]])
+        assert scored_once[:, 0].tolist() == expected  # each greedy caption scored once, for its own prompt
     assert all("scst/baseline_reward" in log for log in logs)
 
 

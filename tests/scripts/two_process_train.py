@@ -26,7 +26,7 @@ def main(model_path: str, output_dir: str, estimator: str) -> None:
     )
     trainer.train()
     matrices = trainer.reward_matrices[::2] if estimator == "scst" else trainer.reward_matrices
-    baselines = trainer.reward_matrices[1::2] if estimator == "scst" else [None] * len(matrices)
+    baselines = trainer.baseline_matrices if estimator == "scst" else [None] * len(matrices)
     steps = []
     for rewards, baseline, local in zip(matrices, baselines, trainer.generated_advantages):
         full = compute_advantages(rewards, 4, estimator=estimator, baseline_rewards=baseline)

@@ -28,7 +28,7 @@ def main(model_path: str, output_dir: str) -> None:
     greedy_requests = [params for params, _ in trainer.vllm_generation.llm.requests if params[0].temperature == 0.0]
     steps = []
     for rewards, baseline, local, greedy in zip(
-        trainer.reward_matrices[::2], trainer.reward_matrices[1::2], trainer.generated_advantages, greedy_requests
+        trainer.reward_matrices[::2], trainer.baseline_matrices, trainer.generated_advantages, greedy_requests
     ):
         full = compute_advantages(rewards, 4, estimator="scst", baseline_rewards=baseline)
         steps.append(
