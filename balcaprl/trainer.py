@@ -25,7 +25,7 @@ from trl import GRPOTrainer
 from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer.utils import get_callable_name, is_async_callable
 
-from balcaprl.advantages import compute_advantages, distinct_per_group
+from balcaprl.advantages import compute_advantages, distinct_per_group, nanstd
 from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
@@ -222,6 +222,13 @@ def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
     return merged
 
 
+def _fraction_in_constant_groups(rewards: torch.Tensor, num_generations: int) -> float:
+    """Fraction of completions whose group has every reward constant (zero or undefined std: nothing to learn)."""
+    grouped = rewards.view(-1, num_generations, rewards.shape[1])
+    spread = torch.nan_to_num(nanstd(grouped.double(), dim=1), nan=0.0)  # (groups, K); < 2 scored: no spread
+    return (spread == 0).all(dim=1).double().mean().item()
+
+
 def _pad_prompts_on_the_left(processing_class) -> None:
     """Left padding and truncation, as TRL sets them on a processor it loads itself (but not on one it is given).
 
@@ -313,21 +320,29 @@ class BalCapGRPOTrainer(GRPOTrainer):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         column = self.args.reference_column
         ratios = keep = None
-        if column in inputs[0]:
+        if self._masked_reward_columns or self._all_rows_have_references(inputs, column):
+            if column not in inputs[0]:
+                raise ValueError(
+                    f"Length masking of {self.args.length_mask_rewards} needs the reference column "
+                    f"{column!r} (reference_column), but the dataset rows have only {sorted(inputs[0])}. "
+                    "Add the column, set reference_column, or set length_mask_rewards to []."
+                )
             local_ratios = length_ratios(
                 [completion_text(c) for c in completions], [row[column] for row in inputs], self._length_fn
             )
             ratios = gather(local_ratios.to(rewards.device))
             keep = length_conditional_mask(ratios, *self.args.length_mask_window)
             rewards = apply_length_mask(rewards, keep, self._masked_reward_columns)
-        elif self._masked_reward_columns:
-            raise ValueError(
-                f"Length masking of {self.args.length_mask_rewards} needs the reference column "
-                f"{column!r} (reference_column), but the dataset rows have only {sorted(inputs[0])}. "
-                "Add the column, set reference_column, or set length_mask_rewards to []."
-            )
         self._last_scored = {"rewards": rewards, "ratios": ratios, "keep": keep, "prompts": prompts}
         return rewards
+
+    def _all_rows_have_references(self, inputs, column: str) -> bool:
+        """Whether the rows of every process have references to measure length ratios against (a collective check:
+        every process must take the same branch, as the ratios are gathered). Only asked with masking off, where
+        ratios are a metric, not a reason to stop a run."""
+        local = all(isinstance(row.get(column), (str, list, tuple)) and len(row[column]) > 0 for row in inputs)
+        flags = gather(torch.tensor([float(local)], device=self.accelerator.device))
+        return bool(flags.min().item())
 
     def _generate_and_score_completions(self, inputs):
         """Replaces TRL's advantages with `compute_advantages` on the masked reward matrix; logs our metrics."""
@@ -360,6 +375,10 @@ class BalCapGRPOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
 
         self._metrics[mode]["advantages/distinct_per_group"].append(distinct_per_group(advantages, num_generations))
+        if self.args.advantage_estimator in ("c_gdpo", "gdpo"):
+            # TRL's frac_reward_zero_std under normalize_then_sum says whether the whole batch's sum is constant; the
+            # quantity that means "no learning signal" is per group: every reward constant inside the group.
+            self._metrics[mode]["frac_reward_zero_std"][-1] = _fraction_in_constant_groups(rewards, num_generations)
         self._log_judge_metrics(mode)
         if scored["ratios"] is not None:
             self._metrics[mode]["length/ratio_mean"].append(scored["ratios"].mean().item())

@@ -22,22 +22,32 @@ def lora_and_base_parameters(model):
     return lora, base
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
-@pytest.mark.parametrize("estimator", ["c_gdpo", "grpo", "scst"])
-def test_training_steps(tiny_models, tmp_path, family, estimator):
-    trainer = make_trainer(tiny_models[family], tmp_path, REWARDS, advantage_estimator=estimator, max_steps=2)
+@pytest.fixture(
+    scope="module",
+    params=[(family, estimator) for family in ("qwen2_5_vl", "llava") for estimator in ("c_gdpo", "grpo", "scst")],
+    ids=lambda param: "-".join(param),
+)
+def trained(request, tiny_models, tmp_path_factory):
+    """Two RL steps on a tiny model (LoRA), per family and estimator; with the parameters before training."""
+    family, estimator = request.param
+    output_dir = tmp_path_factory.mktemp(f"{family}-{estimator}")
+    trainer = make_trainer(tiny_models[family], output_dir, REWARDS, advantage_estimator=estimator, max_steps=2)
     lora_before, base_before = lora_and_base_parameters(trainer.model)
-    assert lora_before and all("language_model" in name for name in lora_before)
-
     trainer.train()
+    return trainer, estimator, lora_before, base_before
 
-    # LoRA weights change (B starts at zero and receives the gradient), base weights — vision tower included — don't.
+
+def test_lora_on_the_language_model_trains_and_the_base_does_not(trained):
+    trainer, _, lora_before, base_before = trained
+    assert lora_before and all("language_model" in name for name in lora_before)
     lora_after, base_after = lora_and_base_parameters(trainer.model)
-    changed = [name for name in lora_before if not torch.equal(lora_before[name], lora_after[name])]
-    assert any("lora_B" in name for name in changed), "no LoRA weight was updated"
-    assert all(torch.equal(base_before[name], base_after[name]) for name in base_before)
+    # LoRA B starts at zero and receives the gradient; base weights, vision tower included, stay bit-identical.
+    assert any("lora_B" in name and not torch.equal(lora_before[name], lora_after[name]) for name in lora_before)
+    assert [name for name in base_before if not torch.equal(base_before[name], base_after[name])] == []
 
-    # Contract metrics are logged every step and finite.
+
+def test_contract_metrics_are_logged_every_step(trained):
+    trainer = trained[0]
     step_logs = [log for log in trainer.state.log_history if "loss" in log]
     assert len(step_logs) == 2
     for log in step_logs:
@@ -46,35 +56,43 @@ def test_training_steps(tiny_models, tmp_path, family, estimator):
         assert 0.0 <= log["length/masked_frac"] <= 1.0
         assert 1.0 <= log["advantages/distinct_per_group"] <= 4.0
 
-    # The advantages are compute_advantages(reward matrix), and the loss received exactly those.
-    matrices = trainer.reward_matrices
-    samples = matrices[::2] if estimator == "scst" else matrices
-    baselines = trainer.baseline_matrices if estimator == "scst" else [None] * len(samples)
-    assert len(samples) == len(trainer.generated_advantages) == len(trainer.loss_advantages) == 2
+
+def test_the_loss_receives_compute_advantages_of_the_reward_matrix(trained):
+    trainer, estimator = trained[:2]
+    samples = trainer.reward_matrices[::2] if estimator == "scst" else trainer.reward_matrices
+    baselines = trainer.baseline_matrices if estimator == "scst" else [None, None]
+    assert len(samples) == len(baselines) == len(trainer.generated_advantages) == len(trainer.loss_advantages) == 2
     for rewards, baseline, generated, received in zip(
         samples, baselines, trainer.generated_advantages, trainer.loss_advantages
     ):
         expected = compute_advantages(rewards, 4, estimator=estimator, baseline_rewards=baseline)
         torch.testing.assert_close(generated, expected)
         torch.testing.assert_close(received.sort().values, expected.sort().values)  # TRL shuffles the batch
-        assert torch.isfinite(received).all()
-    if estimator == "scst":
-        # one greedy caption per prompt, scored once: 2 rows for the 2 prompts, repeated over each group of 4
-        for scored_once, baseline in zip(matrices[1::2], baselines, strict=True):
-            assert scored_once.shape == (2, 3)
-            torch.testing.assert_close(baseline, scored_once.repeat_interleave(4, dim=0), equal_nan=True)
-
-    # The logged rewards are the masked ones: "linguistic" is 0 exactly where the caption's length ratio is
-    # outside [0.5, 2] (every toy reference has REFERENCE_WORDS words), and the logged advantages are ours.
-    completions = [completion_text(c) for c in trainer._logs["completion"]]
-    logged_linguistic = torch.tensor(list(trainer._logs["rewards"]["linguistic"]))
-    ratios = torch.tensor([len(c.split()) / REFERENCE_WORDS for c in completions], dtype=torch.float64)
-    keep = length_conditional_mask(ratios)
-    assert (logged_linguistic[~keep] == 0).all()
-    scored = keep & ~torch.isnan(logged_linguistic)
-    assert (logged_linguistic[scored] > 0).all()
-    torch.testing.assert_close(logged_linguistic, samples[-1][:, 1], equal_nan=True)
+    # The completions table shows the advantages the loss received, not TRL's own.
     torch.testing.assert_close(torch.tensor(list(trainer._logs["advantages"])), trainer.generated_advantages[-1])
+
+
+def test_scst_scores_one_greedy_caption_per_prompt(trained):
+    trainer, estimator = trained[:2]
+    if estimator != "scst":
+        pytest.skip("SCST only")
+    # 8 samples = 2 prompts x G=4: 2 greedy captions scored, each baseline repeated over its group
+    for scored_once, baseline in zip(trainer.reward_matrices[1::2], trainer.baseline_matrices, strict=True):
+        assert scored_once.shape == (2, 3)
+        torch.testing.assert_close(baseline, scored_once.repeat_interleave(4, dim=0), equal_nan=True)
+
+
+def test_the_logged_linguistic_reward_is_masked_by_length(trained):
+    trainer, estimator = trained[:2]
+    # Every toy reference has REFERENCE_WORDS words: "linguistic" is 0 exactly where the caption's ratio is outside
+    # [0.5, 2], and > 0 wherever it was scored inside.
+    completions = [completion_text(c) for c in trainer._logs["completion"]]
+    logged = torch.tensor(list(trainer._logs["rewards"]["linguistic"]))
+    keep = length_conditional_mask(torch.tensor([len(c.split()) / REFERENCE_WORDS for c in completions]))
+    assert (logged[~keep] == 0).all()
+    assert (logged[keep & ~torch.isnan(logged)] > 0).all()
+    last_samples = (trainer.reward_matrices[::2] if estimator == "scst" else trainer.reward_matrices)[-1]
+    torch.testing.assert_close(logged, last_samples[:, 1], equal_nan=True)
 
 
 def test_token_length_unit_counts_policy_tokens(tiny_models, tmp_path):
@@ -254,3 +272,47 @@ def test_scst_greedy_baseline_is_decoded_without_dropout(tiny_models, tmp_path):
         decodes.append(trainer._generate_greedy(prompts))
     assert decodes[0] == decodes[1] == decodes[2]
     assert trainer.model.training  # the training mode is restored
+
+
+def test_frac_reward_zero_std_counts_groups_without_signal():
+    from balcaprl.trainer import _fraction_in_constant_groups
+
+    nan = float("nan")
+    rewards = torch.tensor(
+        [
+            [0.3, 1.0], [0.3, 1.0], [0.3, 1.0],  # group 1: every reward constant → no signal
+            [0.3, 0.0], [0.3, 1.0], [0.3, 1.0],  # group 2: the second reward varies
+            [0.1, nan], [0.1, 2.0], [0.1, nan],  # group 3: one scored value of the second reward → no spread
+        ]
+    )  # fmt: skip
+    assert _fraction_in_constant_groups(rewards, 3) == pytest.approx(2 / 3)
+
+
+def test_c_gdpo_logs_the_per_group_frac_reward_zero_std(tiny_models, tmp_path):
+    from balcaprl.trainer import _fraction_in_constant_groups
+
+    trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour, linguistic], max_steps=1)
+    trainer.train()
+    log = next(log for log in trainer.state.log_history if "loss" in log)
+    assert log["frac_reward_zero_std"] == pytest.approx(_fraction_in_constant_groups(trainer.reward_matrices[0], 4))
+
+
+def test_rows_without_references_do_not_stop_a_run_without_masking(tiny_models, tmp_path):
+    from peft import LoraConfig
+
+    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+    from tests.helpers import RecordingTrainer, make_config, toy_dataset
+
+    dataset = toy_dataset().map(lambda row: {"references": []})  # e.g. unlabelled images; the reward needs none
+    path = str(tiny_models["qwen2_5_vl"])
+    trainer = RecordingTrainer(
+        model=path,
+        reward_funcs=[linguistic],
+        args=make_config(tmp_path, length_mask_rewards=[], max_steps=1),
+        train_dataset=dataset,
+        processing_class=load_processor(path),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LORA_TARGETS),
+    )
+    trainer.train()
+    log = next(log for log in trainer.state.log_history if "loss" in log)
+    assert "length/ratio_mean" not in log  # a metric only: skipped, the run goes on
