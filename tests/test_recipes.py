@@ -331,3 +331,13 @@ def test_vllm_max_model_length_fits_the_real_budget(path):
         for stated in (f"{image} image tokens", f"{prompt} other prompt tokens", f"{completion} completion tokens",
                        f"= {budget}", f"-> {length}"):  # fmt: skip
             assert stated in comment, f"{recipe_id(path)}: the comment above vllm_max_model_length lacks {stated!r}"
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name in MODELS and not is_sft(p)], ids=str)
+def test_gpu_rl_recipes_choose_their_loss_normalisation_and_say_why(path):
+    # TRL's default loss_type (dapo) is not the GRPO-captioning paper's per-caption normalisation: each recipe decides.
+    expected = {"grpo_cider": "grpo", "scst": "dr_grpo", "balcaprl": "dapo"}[path.stem]
+    line = next(line for line in path.read_text().splitlines() if line.startswith("loss_type:"))
+    assert line.split("#")[0].split(":")[1].strip() == expected and "#" in line
+    _, configs = parse_recipe(path)
+    assert configs[2].loss_type == expected
