@@ -46,6 +46,7 @@ of image tokens.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import logging
@@ -161,22 +162,7 @@ class LoadReport:
         return text
 
 
-def load_caption_dataset(
-    source: str | os.PathLike | Dataset | DatasetDict,
-    *,
-    format: str = "auto",
-    split: str = "train",
-    image_root: str | os.PathLike | None = None,
-    image_column: str = "image",
-    caption_column: str = "references",
-    instruction: str = DEFAULT_INSTRUCTION,
-    max_samples: int | None = None,
-    on_bad_image: str = "error",
-    seed: int = 0,
-    restval_as_train: bool = True,
-    hf_config_name: str | None = None,
-    image_resize: ImageResize | None = None,
-) -> Dataset:
+def load_caption_dataset(source: str | os.PathLike | Dataset | DatasetDict, **options: Any) -> Dataset:
     """Load a captioning dataset as rows ``{prompt, image, references, ...}`` with lazily opened images.
 
     Args:
@@ -213,22 +199,7 @@ def load_caption_dataset(
         ValueError: a malformed source (the message names the file, line or row and key), a row without references
             (``on_bad_image="error"``), no usable row at all, or an invalid argument.
     """
-    dataset, _ = load_caption_dataset_with_report(
-        source,
-        format=format,
-        split=split,
-        image_root=image_root,
-        image_column=image_column,
-        caption_column=caption_column,
-        instruction=instruction,
-        max_samples=max_samples,
-        on_bad_image=on_bad_image,
-        seed=seed,
-        restval_as_train=restval_as_train,
-        hf_config_name=hf_config_name,
-        image_resize=image_resize,
-    )
-    return dataset
+    return load_caption_dataset_with_report(source, **options)[0]
 
 
 def load_caption_dataset_with_report(
@@ -247,7 +218,8 @@ def load_caption_dataset_with_report(
     hf_config_name: str | None = None,
     image_resize: ImageResize | None = None,
 ) -> tuple[Dataset, LoadReport]:
-    """`load_caption_dataset`, also returning the `LoadReport` (rows kept, rows skipped and why)."""
+    """`load_caption_dataset` (its docstring describes the arguments), also returning the `LoadReport` (rows kept,
+    rows skipped and why). The keyword arguments are declared here only; `load_caption_dataset` forwards them."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {format!r}.")
     if on_bad_image not in BAD_IMAGE_POLICIES:
@@ -280,6 +252,12 @@ def load_caption_dataset_with_report(
     else:
         logger.info("Loaded %s.", report.summary())
     return dataset.with_transform(decoder), report
+
+
+# One declaration of the loading options (above); help() and IDEs show it on load_caption_dataset too.
+load_caption_dataset.__signature__ = inspect.signature(load_caption_dataset_with_report).replace(
+    return_annotation="Dataset"
+)
 
 
 def resize_images(dataset: Dataset, image_resize: ImageResize | None) -> Dataset:
