@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from balcaprl.advantages import compute_advantages
-from balcaprl.length import length_conditional_mask
+from balcaprl.length import length_conditional_mask, word_length
 from balcaprl.rewards import completion_text
 from tests.helpers import REFERENCE_WORDS, linguistic, make_trainer, mentions_colour, sometimes_unscorable
 
@@ -68,7 +68,7 @@ def test_training_steps(tiny_models, tmp_path, family, estimator):
     # outside [0.5, 2] (every toy reference has REFERENCE_WORDS words), and the logged advantages are ours.
     completions = [completion_text(c) for c in trainer._logs["completion"]]
     logged_linguistic = torch.tensor(list(trainer._logs["rewards"]["linguistic"]))
-    ratios = torch.tensor([len(c.split()) / REFERENCE_WORDS for c in completions], dtype=torch.float64)
+    ratios = torch.tensor([word_length(c) / REFERENCE_WORDS for c in completions], dtype=torch.float64)
     keep = length_conditional_mask(ratios)
     assert (logged_linguistic[~keep] == 0).all()
     scored = keep & ~torch.isnan(logged_linguistic)
@@ -87,7 +87,7 @@ def test_token_length_unit(tiny_models, tmp_path):
     reference_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in ["a red circle here."])
     assert reference_tokens > 0
     log = next(log for log in trainer.state.log_history if "loss" in log)
-    ratio_by_words = sum(len(c.split()) / REFERENCE_WORDS for c in completions) / len(completions)
+    ratio_by_words = sum(word_length(c) / REFERENCE_WORDS for c in completions) / len(completions)
     assert log["length/ratio_mean"] != pytest.approx(ratio_by_words)  # tokens, not words, were counted
 
 
