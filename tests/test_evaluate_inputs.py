@@ -231,3 +231,20 @@ def test_the_package_is_split_by_concern():
     ]  # fmt: skip
     assert [name for name in old_public_names if not hasattr(balcaprl.evaluate, name)] == []
     assert set(balcaprl.evaluate.__all__) <= set(dir(balcaprl.evaluate))
+
+
+def test_a_coco_baseline_battles_through_the_same_annotations(scripted_server, tmp_path):
+    """`--baseline` takes the captions' format: here another COCO results file, with the same --annotations."""
+    results = write_json(tmp_path / "ours.json", RESULTS)
+    baseline = write_json(
+        tmp_path / "theirs.json",
+        [{"image_id": 1, "caption": "A circle."}, {"image_id": 2, "caption": "A small black cat."}],
+    )
+    annotations = write_json(tmp_path / "captions.json", ANNOTATIONS)
+    judge = ["--judge-base-url", scripted_server.base_url, "--judge-model", "scripted", "--judge-max-retries", "0"]
+    arguments = ["score", str(results), "--annotations", str(annotations), "--baseline", str(baseline)]
+    arguments += ["--output-dir", str(tmp_path / "out"), "--no-classic", "--no-balcap", "--no-plots", *judge]
+    assert evaluate_main(arguments) == 0
+    caparena = json.loads((tmp_path / "out" / "report.json").read_text())["caparena"]
+    # The scripted judge prefers the longer caption in both orders: image 1 won, image 2 lost.
+    assert (caparena["wins"], caparena["losses"], caparena["battles"], caparena["score"]) == (1, 1, 2, 0)
