@@ -3,7 +3,7 @@
     balcaprl sft   CONFIG [--key value ...]   stage 1: cross-entropy fine-tuning on the references
     balcaprl train CONFIG [--key value ...]   stage 2: RL (BalCapRL c-GDPO, GRPO or SCST)
     balcaprl evaluate --model M --data SPEC --output-dir DIR [...]   caption a split (resumable), then score it
-    balcaprl evaluate score|compare ...       score a captions file / compare reports
+    balcaprl evaluate score|compare ...       score captions (JSONL, or COCO results + --annotations) / compare reports
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
     balcaprl reproduce [--quick]              both papers' claims at small scale (runs/reproduce/results.md)
 

@@ -47,7 +47,8 @@ class BalCapConfig(GRPOConfig):
     length_mask_window (`list[float]`, defaults to `[0.5, 2.0]`):
         [low, high] of ρ = len(caption) / mean len(references); both bounds are kept.
     length_unit (`str`, defaults to `"words"`):
-        `"words"` (whitespace split) or `"tokens"` (the policy's tokenizer).
+        `"words"` (`balcaprl.length.word_length`: whitespace-separated tokens that are not punctuation only) or
+        `"tokens"` (the policy's tokenizer).
     reference_column (`str`, defaults to `"references"`):
         Dataset column holding each row's reference caption(s).
     max_train_seconds (`float`, *optional*):

@@ -22,9 +22,11 @@ instead recomputes them from the batch it scores, which makes an RL reward depen
 Given the same corpus — ``CiderD(refs)`` built from exactly the reference sets pycocoevalcap sees — the two agree
 to floating-point rounding (for the default N = 4; pycocoevalcap always extracts 1- to 4-grams).
 
-Tokenisation: ``simple_tokenize`` (lower-case, punctuation to spaces, split on whitespace) approximates the
-Java PTB tokenizer coco-caption uses; pass ``tokenize=str.split`` for text that is already tokenised, as
-pycocoevalcap's scorer itself just splits on whitespace.
+Tokenisation: ``simple_tokenize`` (`balcaprl.text`: NFKC, lower-case, Unicode punctuation to spaces, split on
+whitespace) approximates the Java PTB tokenizer coco-caption uses; typographic quotes, dashes, ellipses and
+full-width forms count as their ASCII counterparts, so they do not change the reward, and ASCII text tokenises
+exactly as pycocoevalcap sees it after ``" ".join``. Pass ``tokenize=str.split`` for text that is already tokenised,
+as pycocoevalcap's scorer itself just splits on whitespace.
 
 Vectorisation: n-grams are integers, never Python tuples. Words get ids; the k-gram starting at a token gets the
 rank of ``id of the (k−1)-gram there · #words + id of its last word`` among the distinct such codes (`_ngram_levels`).
@@ -36,7 +38,6 @@ all candidate-reference pairs are summed with one ``np.bincount``. Only tokenisa
 from __future__ import annotations
 
 import math
-import string
 from array import array
 from collections.abc import Callable, Sequence
 from itertools import chain, repeat
@@ -45,20 +46,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from balcaprl.completions import completion_text
+from balcaprl.text import simple_tokenize
 
 __all__ = ["CiderD", "CiderDReward", "cider_d", "simple_tokenize"]
-
-_PUNCTUATION_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
-
-
-def simple_tokenize(text: str) -> list[str]:
-    """Lower-case, turn ASCII punctuation into spaces, split on whitespace — a fast stand-in for the PTB tokenizer.
-
-    coco-caption runs Stanford's PTBTokenizer (Java) and then drops punctuation tokens. On plain captions the two
-    agree; they differ on clitics and hyphens (``"man's"`` → ``man s`` here, ``man 's`` in PTB). Scores are
-    therefore close to, not identical with, published CIDEr-D numbers; report evaluation tables with pycocoevalcap.
-    """
-    return text.lower().translate(_PUNCTUATION_TO_SPACE).split()
 
 
 def _reference_tuple(references: str | Sequence[str] | None, row: int, what: str = "Row") -> tuple[str, ...]:

@@ -19,9 +19,11 @@ def run(command, **kwargs):
 
 @pytest.mark.slow
 def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO)])
+    build = run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path / "dist"), str(REPO)])
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr  # setuptools' warning
     (wheel,) = (tmp_path / "dist").glob("balcaprl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    assert {"balcaprl/evaluate/__init__.py", "balcaprl/evaluate/__main__.py", "balcaprl/text.py"} <= set(names)
     assert "balcaprl/rewards/__init__.py" in names  # the top-level rewards/ folder ships as balcaprl.rewards
     assert "balcaprl/py.typed" in names
     assert "balcaprl/rewards/prompts/precision_v1.txt" in names  # package data: the judge prompts
@@ -37,10 +39,13 @@ def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
         "import importlib.resources, balcaprl, balcaprl.rewards, balcaprl.trainer;"
         "print(balcaprl.__version__, balcaprl.BalCapGRPOTrainer.__name__, balcaprl.rewards.__name__);"
         "print(importlib.resources.files('balcaprl').joinpath('py.typed').is_file());"
-        "from balcaprl.rewards.judged import load_prompt; print('JSON' in load_prompt('recall_verify'))"
+        "from balcaprl.rewards.judged import load_prompt; print('JSON' in load_prompt('recall_verify'));"
+        "from balcaprl.evaluate import evaluate_captions, main; print(evaluate_captions.__module__)"
     )
     output = run([python, "-c", probe], cwd=tmp_path).stdout.split()
-    assert output == ["0.1.0", "BalCapGRPOTrainer", "balcaprl.rewards", "True", "True"]
+    assert output == ["0.1.0", "BalCapGRPOTrainer", "balcaprl.rewards", "True", "True", "balcaprl.evaluate.harness"]
+    usage = run([python, "-m", "balcaprl.evaluate", "score", "--help"], cwd=tmp_path).stdout
+    assert "--annotations" in usage
     # Installed from the wheel, not from the source tree, and no stray top-level `rewards` package.
     location = run([python, "-c", "import balcaprl; print(balcaprl.__file__)"], cwd=tmp_path).stdout
     assert str(tmp_path / "venv") in location

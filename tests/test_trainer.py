@@ -8,7 +8,7 @@ import torch
 
 from balcaprl.advantages import compute_advantages
 from balcaprl.completions import completion_text
-from balcaprl.length import length_conditional_mask
+from balcaprl.length import length_conditional_mask, word_length
 from tests.helpers import REFERENCE_WORDS, linguistic, make_trainer, mentions_colour, sometimes_unscorable
 
 CONTRACT_METRICS = ["length/ratio_mean", "length/masked_frac", "advantages/distinct_per_group"]
@@ -88,7 +88,7 @@ def test_the_logged_linguistic_reward_is_masked_by_length(trained):
     # [0.5, 2], and > 0 wherever it was scored inside.
     completions = [completion_text(c) for c in trainer._logs["completion"]]
     logged = torch.tensor(list(trainer._logs["rewards"]["linguistic"]))
-    keep = length_conditional_mask(torch.tensor([len(c.split()) / REFERENCE_WORDS for c in completions]))
+    keep = length_conditional_mask(torch.tensor([word_length(c) / REFERENCE_WORDS for c in completions]))
     assert (logged[~keep] == 0).all()
     assert (logged[keep & ~torch.isnan(logged)] > 0).all()
     last_samples = (trainer.reward_matrices[::2] if estimator == "scst" else trainer.reward_matrices)[-1]
@@ -120,7 +120,7 @@ def test_token_length_unit_counts_policy_tokens(tiny_models, tmp_path):
 
     completions = [completion_text(c) for c in trainer._logs["completion"]]
     expected = [tokens(completion) / tokens(reference) for completion in completions]
-    by_words = [len(completion.split()) / len(reference.split()) for completion in completions]
+    by_words = [word_length(completion) / word_length(reference) for completion in completions]
     assert expected != by_words  # the check below tells tokens from words
     log = next(log for log in trainer.state.log_history if "loss" in log)
     assert log["length/ratio_mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-9)
