@@ -54,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         return reproduce(argv[1:])
     args = build_parser().parse_args(argv)
+    from balcaprl.judge_guard import JudgeUnavailableError
     from balcaprl.train import RecipeError
 
     try:
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             from balcaprl.sft import main as run
         run(["--config", args.config, *args.overrides])
-    except RecipeError as error:
+    except (RecipeError, JudgeUnavailableError) as error:
         sys.exit(f"balcaprl {args.command}: error: {error}")
 
 

@@ -53,6 +53,19 @@ class BalCapConfig(GRPOConfig):
         Dataset column holding each row's reference caption(s).
     max_train_seconds (`float`, *optional*):
         Stop training (cleanly, as at ``max_steps``) once this much wall-clock time has passed.
+
+    > Judge guard (`balcaprl.judge_guard`; the judge client's own keys are `balcaprl.judge.JudgeConfig`'s)
+
+    judge_health_check (`bool`, defaults to `True`):
+        Before training, and before any model weights load, send one real request per judge reward and fail at
+        once, naming the judge URL and the fault, if it gets no schema-valid answer.
+    judge_max_failure_rate (`float`, defaults to `0.5`):
+        Save a checkpoint and stop when more than this fraction of the judge calls of the last
+        `judge_failure_window` judged steps failed; `1.0` turns the budget off.
+    judge_failure_window (`int`, defaults to `3`):
+        Number of steps (that called the judge) the failure rate is taken over.
+    judge_outage_wait_seconds (`float`, defaults to `0`):
+        Over budget, first wait up to this long for the judge to pass the health check again, then stop.
     """
 
     advantage_estimator: str = field(
@@ -78,6 +91,20 @@ class BalCapConfig(GRPOConfig):
     max_train_seconds: float | None = field(
         default=None, metadata={"help": "Stop training cleanly after this many seconds of wall-clock time."}
     )
+    judge_health_check: bool = field(
+        default=True,
+        metadata={"help": "Check every judge reward with one real request before any model weights load."},
+    )
+    judge_max_failure_rate: float = field(
+        default=0.5,
+        metadata={"help": "Save a checkpoint and stop above this failed fraction of judge calls (1.0: never)."},
+    )
+    judge_failure_window: int = field(
+        default=3, metadata={"help": "Judged steps over which judge_max_failure_rate is measured."}
+    )
+    judge_outage_wait_seconds: float = field(
+        default=0.0, metadata={"help": "Over the failure budget, wait this long for the judge before stopping."}
+    )
 
     def __post_init__(self):
         if self.advantage_estimator not in ESTIMATORS:
@@ -95,6 +122,12 @@ class BalCapConfig(GRPOConfig):
         self.length_mask_window = [float(window[0]), float(window[1])]
         if not self.reference_column:
             raise ValueError("reference_column must name a dataset column, got an empty string.")
+        if not 0.0 <= self.judge_max_failure_rate <= 1.0:
+            raise ValueError(f"judge_max_failure_rate must be in [0, 1], got {self.judge_max_failure_rate!r}.")
+        if self.judge_failure_window < 1:
+            raise ValueError(f"judge_failure_window must be >= 1 step, got {self.judge_failure_window!r}.")
+        if self.judge_outage_wait_seconds < 0:
+            raise ValueError(f"judge_outage_wait_seconds must be >= 0, got {self.judge_outage_wait_seconds!r}.")
         # TRL settings the estimator decides: a value the user chose that the estimator would ignore is an error,
         # not a silent override (TRL's defaults, sum_then_normalize and group, are taken as "not chosen").
         derived = _TRL_AGGREGATION[self.advantage_estimator]

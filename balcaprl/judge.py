@@ -12,22 +12,25 @@ During RL that is hundreds of requests per step, so the client is built for a fl
   client's own retries are off, so ``requests`` counts every HTTP attempt exactly;
 - cost: answers are cached on disk (``cache_dir``), and identical requests in flight at the same time share one call,
   so a reference decomposed by 8 rollouts at once costs one request;
+- images: resized to ``max_pixels`` (aspect ratio kept, never upscaled), sent as JPEG (PNG when small and not from a
+  JPEG), encoded once per distinct image and off the event loop (`JudgeClient.image_part`; the rules and their
+  reasons are in `balcaprl.judge_images`);
 - threads: TRL runs async reward functions on its own event loop in a background thread, so the ``AsyncOpenAI``
   client, the semaphore and the in-flight table are created lazily per event loop;
 - secrets: the API key is read from the environment variable named by ``api_key_env`` when the first request is
   made; it never appears in ``repr``, exceptions or log records (server messages are scrubbed of it).
 
 Metrics for the trainer: :meth:`JudgeClient.pop_metrics` returns ``judge/requests``, ``judge/retries``,
-``judge/failures`` and ``judge/cache_hits`` for the interval since the previous call.
+``judge/failures``, ``judge/cache_hits`` and ``judge/bytes_sent`` for the interval since the previous call. The
+counters themselves (``requests``, ..., and ``calls``, the answers asked for) are cumulative attributes that other
+readers, such as the failure budget of `balcaprl.judge_guard`, can difference on their own schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import hashlib
-import io
 import json
 import logging
 import os
@@ -43,15 +46,21 @@ from typing import Any
 
 import jsonschema
 import openai
-from PIL import Image
+
+from balcaprl.judge_images import (
+    DEFAULT_JPEG_QUALITY,
+    DEFAULT_MAX_PIXELS,
+    EncodedImage,
+    ImageEncoder,
+    ImageLike,
+)
 
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-ImageLike = Image.Image | str | os.PathLike | bytes
 
 RESPONSE_FORMATS = ("json_schema", "json_object", "none")
-COUNTER_NAMES = ("requests", "retries", "failures", "cache_hits")
+COUNTER_NAMES = ("requests", "retries", "failures", "cache_hits", "bytes_sent")
 NO_API_KEY = "EMPTY"  # what vLLM / llama.cpp servers without --api-key accept; the openai client refuses None
 CACHE_FORMAT_VERSION = 1  # bump when the cache key or the stored value changes meaning
 SCHEMA_INSTRUCTION = (
@@ -95,6 +104,16 @@ class JudgeConfig:
     judge_backoff_max_s: float = field(
         default=30.0, metadata={"help": "Longest retry delay (also caps a server's Retry-After)."}
     )
+    judge_max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata={
+            "help": "Pixel budget of an image sent to the judge (aspect ratio kept, never upscaled); the default, "
+            "1280 x 28 x 28, is Qwen2.5-VL's recommended maximum."
+        },
+    )
+    judge_jpeg_quality: int = field(
+        default=DEFAULT_JPEG_QUALITY, metadata={"help": "JPEG quality of images sent to the judge (1-95)."}
+    )
 
     def judge_context(self) -> dict[str, Any]:
         """The ``judge_*`` keys and values (what `get_reward_funcs` and `JudgeClient.from_config` read)."""
@@ -108,41 +127,42 @@ _DEFAULTS = JudgeConfig()
 # -------------------------------------------------------------------------------------------------------------- images
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_MODES = frozenset({"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"})
+_DEFAULT_ENCODERS: dict[tuple[int | None, int], ImageEncoder] = {}
+_DEFAULT_ENCODERS_LOCK = threading.Lock()
 
 
-def _encode_png(image: Image.Image) -> bytes:
-    if image.mode not in _PNG_MODES:
-        image = image.convert("RGBA" if "A" in image.mode else "RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _shared_encoder(max_pixels: int | None, jpeg_quality: int) -> ImageEncoder:
+    with _DEFAULT_ENCODERS_LOCK:
+        encoder = _DEFAULT_ENCODERS.get((max_pixels, jpeg_quality))
+        if encoder is None:
+            encoder = _DEFAULT_ENCODERS[(max_pixels, jpeg_quality)] = ImageEncoder(max_pixels, jpeg_quality)
+    return encoder
 
 
-def image_to_data_url(image: ImageLike) -> str:
-    """A ``data:image/png;base64,...`` URL of ``image`` (a PIL image, a file path, or encoded image bytes).
+def image_to_data_url(
+    image: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_quality: int = DEFAULT_JPEG_QUALITY
+) -> str:
+    """A ``data:image/jpeg;base64,...`` (or ``image/png``) URL of ``image`` (a PIL image, a file path or bytes).
 
-    PNG bytes are sent as they are; any other format is decoded and re-encoded as PNG. A string that already is a
-    ``data:image/...`` URL is returned unchanged.
+    Resized to ``max_pixels`` and encoded as `balcaprl.judge_images` describes, once per distinct image (a shared
+    in-memory cache). A string that already is a ``data:image/...`` URL is returned unchanged.
     """
     if isinstance(image, str) and image.startswith("data:image/"):
         return image
-    if isinstance(image, (str, os.PathLike)):
-        image = Path(image).read_bytes()
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        image = bytes(image)
-        png = image if image.startswith(_PNG_SIGNATURE) else _encode_png(Image.open(io.BytesIO(image)))
-    elif isinstance(image, Image.Image):
-        png = _encode_png(image)
-    else:
-        raise TypeError(f"Cannot make an image URL from {type(image).__name__}; pass a PIL image, a path or bytes.")
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return _shared_encoder(max_pixels, jpeg_quality).encode(image).url
 
 
-def image_message_part(image: ImageLike) -> dict[str, Any]:
-    """An OpenAI vision content part: ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``."""
-    return {"type": "image_url", "image_url": {"url": image_to_data_url(image)}}
+def image_message_part(
+    image: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_quality: int = DEFAULT_JPEG_QUALITY
+) -> dict[str, Any]:
+    """An OpenAI vision content part ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``.
+
+    `JudgeClient.image_part` is the same with the client's ``max_pixels`` / ``jpeg_quality``, off the event loop.
+    """
+    return {
+        "type": "image_url",
+        "image_url": {"url": image_to_data_url(image, max_pixels=max_pixels, jpeg_quality=jpeg_quality)},
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------- parsing
@@ -310,6 +330,8 @@ class JudgeClient:
         schema_in_prompt: append the schema and a "JSON only" instruction to the last user turn.
         backoff_base_s: first backoff delay; it doubles per retry, with jitter, up to ``backoff_max_s``.
         backoff_max_s: longest backoff delay (also caps a server's ``Retry-After``).
+        max_pixels: pixel budget of images sent (aspect ratio kept, never upscaled; None: no limit).
+        jpeg_quality: JPEG quality of images sent (PNG is used for small images that do not come from a JPEG).
     """
 
     def __init__(
@@ -328,6 +350,8 @@ class JudgeClient:
         schema_in_prompt: bool = _DEFAULTS.judge_schema_in_prompt,
         backoff_base_s: float = _DEFAULTS.judge_backoff_base_s,
         backoff_max_s: float = _DEFAULTS.judge_backoff_max_s,
+        max_pixels: int | None = _DEFAULTS.judge_max_pixels,
+        jpeg_quality: int = _DEFAULTS.judge_jpeg_quality,
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(
@@ -358,11 +382,17 @@ class JudgeClient:
         self.schema_in_prompt = schema_in_prompt
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_max_s = float(backoff_max_s)
+        self.images = ImageEncoder(max_pixels, jpeg_quality)
+        self.max_pixels = self.images.max_pixels
+        self.jpeg_quality = self.images.jpeg_quality
 
+        # Cumulative counters; pop_metrics reports their increase since its previous call.
+        self.calls = 0  # answers asked for (complete_json calls), however they were served
         self.requests = 0
         self.retries = 0
         self.failures = 0
         self.cache_hits = 0
+        self.bytes_sent = 0  # request bodies, every attempt
         self._popped = dict.fromkeys(COUNTER_NAMES, 0)
         self._lock = threading.Lock()
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -395,7 +425,7 @@ class JudgeClient:
             f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, "
             f"api_key_env={self.api_key_env!r}, "
             f"max_concurrency={self.max_concurrency}, timeout={self.timeout}, max_retries={self.max_retries}, "
-            f"cache_dir={None if self.cache_dir is None else str(self.cache_dir)!r})"
+            f"cache_dir={None if self.cache_dir is None else str(self.cache_dir)!r}, max_pixels={self.max_pixels})"
         )
 
     # ----------------------------------------------------------------------------------------------- public API
@@ -413,6 +443,7 @@ class JudgeClient:
         validator = self._validator(schema)
         key = self.cache_key(messages, schema, cache_key_extra=cache_key_extra)
         state = self._loop_state()
+        self._count("calls")
 
         shared = state.inflight.get(key)
         if shared is not None:
@@ -426,13 +457,45 @@ class JudgeClient:
                 return cached
 
         # A task of its own, so that one caller being cancelled does not cancel the answer others wait for.
-        task = asyncio.ensure_future(self._fetch(state, messages, schema, validator, key))
+        task = asyncio.ensure_future(self._fetch_answer(state, messages, schema, validator, key))
         state.inflight[key] = task
         task.add_done_callback(lambda done: state.inflight.pop(key) if state.inflight.get(key) is done else None)
         answer = await asyncio.shield(task)
         if answer is None:
             self._count("failures")
         return copy.deepcopy(answer)
+
+    async def check(self, messages: Sequence[Message], schema: dict[str, Any]) -> str | None:
+        """Ask the server itself (never the cache) and return None if it answered schema-valid JSON, else the fault.
+
+        The health check of `balcaprl.judge_guard`: one real request with this client's retries, whose fault (e.g.
+        ``"connection error (ConnectError)"``, ``"HTTP 401: ..."``, ``"answer does not match the schema: ..."``) is
+        returned as one line instead of being logged. Counted like any request.
+        """
+        validator = self._validator(schema)
+        state = self._loop_state()
+        self._count("calls")
+        answer, fault = await self._fetch(state, messages, schema, validator, key=None)
+        if answer is None:
+            self._count("failures")
+            if not fault.startswith("rejected"):
+                fault = f"{fault}, after {self.max_retries + 1} attempt{'s' if self.max_retries else ''}"
+            return " ".join(fault.split())  # one line, whatever the server put in its message
+        return None
+
+    def encode_image(self, image: ImageLike) -> EncodedImage:
+        """``image`` resized to ``max_pixels`` and encoded, once per distinct content (see `balcaprl.judge_images`)."""
+        return self.images.encode(image)
+
+    async def image_part(self, image: ImageLike) -> dict[str, Any]:
+        """The OpenAI image content part of ``image``, encoded in a worker thread so the event loop keeps serving.
+
+        A ``data:image/...`` URL string is used as it is.
+        """
+        if isinstance(image, str) and image.startswith("data:image/"):
+            return {"type": "image_url", "image_url": {"url": image}}
+        encoded = await asyncio.to_thread(self.images.encode, image)
+        return encoded.message_part()
 
     def cache_key(self, messages: Sequence[Message], schema: dict[str, Any], *, cache_key_extra: str = "") -> str:
         """sha256 of everything that determines the answer (images enter as their sha256)."""
@@ -448,7 +511,8 @@ class JudgeClient:
         return hashlib.sha256(encoded.encode()).hexdigest()
 
     def pop_metrics(self) -> dict[str, float]:
-        """``judge/requests``, ``judge/retries``, ``judge/failures``, ``judge/cache_hits`` since the previous call."""
+        """``judge/requests``, ``judge/retries``, ``judge/failures``, ``judge/cache_hits``, ``judge/bytes_sent`` since
+        the previous call."""
         with self._lock:
             current = {name: getattr(self, name) for name in COUNTER_NAMES}
             interval = {f"judge/{name}": float(current[name] - self._popped[name]) for name in COUNTER_NAMES}
@@ -550,7 +614,7 @@ class JudgeClient:
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
 
-    async def _fetch(
+    async def _fetch_answer(
         self,
         state: _LoopState,
         messages: Sequence[Message],
@@ -558,7 +622,29 @@ class JudgeClient:
         validator: jsonschema.protocols.Validator,
         key: str,
     ) -> dict[str, Any] | None:
+        answer, fault = await self._fetch(state, messages, schema, validator, key)
+        if answer is None and not fault.startswith("rejected"):  # rejections were warned about already
+            self._warn_once(
+                "gave-up",
+                "Judge gave up on a request after %d attempts (last fault: %s); such requests score None and are "
+                "counted in judge/failures (further ones are logged at DEBUG).",
+                self.max_retries + 1,
+                fault,
+            )
+        return answer
+
+    async def _fetch(
+        self,
+        state: _LoopState,
+        messages: Sequence[Message],
+        schema: dict[str, Any],
+        validator: jsonschema.protocols.Validator,
+        key: str | None,
+    ) -> tuple[dict[str, Any] | None, str]:
+        """(answer, "") or (None, the last fault) after at most ``max_retries`` retries; caches under ``key``."""
         arguments = self._request_arguments(messages, schema)
+        # The body's size, counted per attempt: what a judge at real image sizes is limited by.
+        body_bytes = len(json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode())
         fault, retry_after = "", None
         # A plain loop rather than a retry library (tenacity): each attempt must be counted exactly, the backoff
         # must not hold the concurrency slot, and an invalid answer is a value to retry on, not an exception.
@@ -567,29 +653,27 @@ class JudgeClient:
                 self._count("retries")
                 await asyncio.sleep(self._backoff_delay(attempt, retry_after))
             try:
-                answer, fault, retry_after = await self._attempt(state, arguments, validator)
-            except _GiveUp:
-                return None
+                answer, fault, retry_after = await self._attempt(state, arguments, validator, body_bytes)
+            except _GiveUp as rejected:
+                return None, str(rejected)
             if answer is not None:
-                if self._cache is not None:
+                if self._cache is not None and key is not None:
                     self._cache.put(key, answer)
-                return answer
+                return answer, ""
             logger.debug("Judge attempt %d/%d failed: %s", attempt + 1, self.max_retries + 1, fault)
-        self._warn_once(
-            "gave-up",
-            "Judge gave up on a request after %d attempts (last fault: %s); such requests score None and are "
-            "counted in judge/failures (further ones are logged at DEBUG).",
-            self.max_retries + 1,
-            fault,
-        )
-        return None
+        return None, fault
 
     async def _attempt(
-        self, state: _LoopState, arguments: dict[str, Any], validator: jsonschema.protocols.Validator
+        self,
+        state: _LoopState,
+        arguments: dict[str, Any],
+        validator: jsonschema.protocols.Validator,
+        body_bytes: int,
     ) -> tuple[dict[str, Any] | None, str, float | None]:
         """One HTTP request: (answer, "", None) on success, else (None, fault description, Retry-After seconds)."""
         async with state.semaphore:
             self._count("requests")
+            self._count("bytes_sent", body_bytes)
             try:
                 # The client's documented raw ``post`` with ``cast_to=object`` returns the JSON body as a dict: it
                 # skips the typed request transform and response model, a third of the client's CPU per request.
@@ -617,7 +701,7 @@ class JudgeClient:
                     if status in (400, 422) and self.response_format != "none"
                     else "",
                 )
-                raise _GiveUp from None
+                raise _GiveUp(f"rejected with HTTP {status}: {self._scrub(str(error.message))[:200]}") from None
             except (openai.APIError, ValueError) as error:  # a 200 whose body is not a chat completion
                 return None, f"malformed response ({type(error).__name__})", None
         content = _message_content(response)

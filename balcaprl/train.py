@@ -221,15 +221,19 @@ def main(argv: Sequence[str] | None = None):
     require(data_args.dataset, "dataset")
 
     from balcaprl.data import corpus_references, resize_images
+    from balcaprl.judge_guard import check_judges, judge_guard_callbacks
     from balcaprl.models import image_resize_for, load_policy, peft_config
     from balcaprl.trainer import BalCapGRPOTrainer
 
     # 2. seed, threads, logging, checkpoint detection (resume from the newest checkpoint in output_dir)
     checkpoint = prepare_run(training_args)
 
-    # 3. data, then rewards (CIDEr-D's document frequencies come from the training references)
+    # 3. data, then rewards (CIDEr-D's document frequencies come from the training references); the judges must
+    #    answer before any weights load, or the run would train on zero advantages
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
     reward_funcs = build_reward_funcs(reward_args, training_args, corpus_references(train_dataset))
+    if training_args.judge_health_check:
+        check_judges(reward_funcs, train_dataset[0])
 
     # 4. processor; images resized once, for the policy, so that the trainer, vLLM and the judge see the same pixels
     family, processor = load_family_and_processor(model_args)
@@ -252,7 +256,11 @@ def main(argv: Sequence[str] | None = None):
         eval_dataset=eval_dataset,
         processing_class=processor,
         peft_config=peft_config(model_args, family),
-        callbacks=time_limit_callbacks(training_args),
+        # the judge failure budget: a checkpoint and a clear error when the judge goes down mid-run
+        callbacks=[
+            *time_limit_callbacks(training_args),
+            *judge_guard_callbacks(reward_funcs, training_args, train_dataset[0]),
+        ],
     )
     print_parameter_breakdown(trainer, family)
 
@@ -267,7 +275,9 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
+    from balcaprl.judge_guard import JudgeUnavailableError
+
     try:
         main()
-    except RecipeError as error:
+    except (RecipeError, JudgeUnavailableError) as error:
         sys.exit(f"balcaprl: error: {error}")

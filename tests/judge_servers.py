@@ -61,7 +61,7 @@ class FaultInjectingServer(LoopbackChatServer):
             fewer than the client's attempts, every transient fault is eventually retried away.
         fails_permanently: messages → True for prompts that always get HTTP 500.
         validate_images: reject (HTTP 400) image parts that are not ``{"type": "image_url", "image_url": {"url":
-            "data:image/png;base64,..."}}`` with a PNG that PIL can open.
+            "data:image/png;base64,..."}}`` (or ``image/jpeg``) with an image of that format that PIL can open.
         required_api_key: if set, requests without ``Authorization: Bearer <key>`` get HTTP 401, whose message
             repeats the key received (as some servers do) so tests can check the client never logs it.
         latency_s: fixed delay before every normal answer.
@@ -156,9 +156,12 @@ class FaultInjectingServer(LoopbackChatServer):
             handler.drop_connection()
 
 
+IMAGE_URL_FORMATS = {"data:image/png;base64,": "PNG", "data:image/jpeg;base64,": "JPEG"}
+
+
 def image_part_problem(messages: Messages) -> str | None:
-    """Why the image parts of ``messages`` are not valid OpenAI vision parts with a base64 PNG; None if they are."""
-    prefix = "data:image/png;base64,"
+    """Why the image parts of ``messages`` are not valid OpenAI vision parts with a base64 PNG or JPEG; None if they
+    are."""
     for message in messages:
         content = message.get("content")
         if not isinstance(content, list):
@@ -170,17 +173,18 @@ def image_part_problem(messages: Messages) -> str | None:
                 continue
             image_url = part.get("image_url")
             url = image_url.get("url") if isinstance(image_url, dict) else None
-            if not isinstance(url, str) or not url.startswith(prefix):
-                return "image_url.url must be a data:image/png;base64 URL"
+            prefix = next((p for p in IMAGE_URL_FORMATS if isinstance(url, str) and url.startswith(p)), None)
+            if prefix is None:
+                return "image_url.url must be a data:image/png;base64 or data:image/jpeg;base64 URL"
             try:
                 data = base64.b64decode(url[len(prefix) :], validate=True)
                 with Image.open(io.BytesIO(data)) as image:
                     image_format = image.format
                     image.verify()
             except Exception as error:  # any decoding problem is the client's fault: 400
-                return f"image is not a readable base64 PNG ({type(error).__name__})"
-            if image_format != "PNG":
-                return f"image is {image_format}, not PNG"
+                return f"image is not a readable base64 {IMAGE_URL_FORMATS[prefix]} ({type(error).__name__})"
+            if image_format != IMAGE_URL_FORMATS[prefix]:
+                return f"image is {image_format}, not the {IMAGE_URL_FORMATS[prefix]} its URL says"
     return None
 
 

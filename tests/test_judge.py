@@ -12,13 +12,17 @@ import io
 import json
 import logging
 import re
+import tempfile
 import threading
 import urllib.request
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from balcaprl.data import ImageResize
 from balcaprl.judge import JudgeClient, extract_json_object, image_message_part, image_to_data_url
+from balcaprl.judge_images import DEFAULT_MAX_PIXELS, ImageEncoder, budget_size
 from benchmarks.judge import judge_throughput
 from tests.judge_servers import (
     FAULTS,
@@ -41,6 +45,33 @@ def prompt_index(messages: list[dict]) -> int:
 def score_responder(messages: list[dict]) -> str:
     """The right answer for ``prompt N`` is ``{"score": N}``, so tests can check every answer."""
     return json.dumps({"score": prompt_index(messages)})
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth gradients and waves plus sensor-like noise (JPEG sizes like a real photo's)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    channels = [170 * x + 60 * y, 120 * y + 40 * np.sin(25 * x) + 60, 90 * (x + y) + 30 * np.cos(17 * y)]
+    pixels = np.stack(channels, axis=2) + rng.integers(0, 24, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def sent_image(body: dict) -> Image.Image:
+    """The image of the first image part of a request body, decoded."""
+    for part in body["messages"][-1]["content"]:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            return Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1])))
+    raise AssertionError("the request has no image part")
+
+
+def free_port() -> int:
+    """A local port nothing listens on (connections to it are refused)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def ask_all(client: JudgeClient, message_lists: list[list[dict]], **kwargs) -> list[dict | None]:
@@ -85,18 +116,26 @@ class TestExtractJsonObject:
 # -------------------------------------------------------------------------------------------------------------- faults
 
 
+def body_bytes(body: dict) -> int:
+    """Size of a request body as the client counts it (compact JSON, UTF-8)."""
+    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+
+
 def test_batch_of_200_survives_30_percent_faults_and_counts_permanent_failures():
     permanent = set(range(7, 200, 20))  # 10 prompts that always get HTTP 500
     with FaultInjectingServer(
         score_responder,
         fault_rate=0.3,
         seed=1234,
-        hang_s=2.0,
+        # The client's timeout must be far above a normal answer's time even on a loaded machine (a normal answer
+        # that times out is an extra retry and breaks the exact counts below), and the "timeout" fault's hang far
+        # above the timeout. 0.5 s / 2 s failed under CPU load from parallel jobs; 2 s / 6 s costs ~2 s more.
+        hang_s=6.0,
         max_consecutive_faults=3,  # < 5 attempts: every transient fault is retried away
         fails_permanently=lambda messages: prompt_index(messages) in permanent,
     ) as server:
         client = JudgeClient(
-            server.base_url, "loopback", max_concurrency=16, timeout=0.5, max_retries=4, **FAST_BACKOFF
+            server.base_url, "loopback", max_concurrency=16, timeout=2.0, max_retries=4, **FAST_BACKOFF
         )
         answers = ask_all(client, [prompt_messages(index) for index in range(200)])
 
@@ -107,11 +146,14 @@ def test_batch_of_200_survives_30_percent_faults_and_counts_permanent_failures()
     assert set(FAULTS) <= set(server.fault_counts), f"every fault kind should occur: {server.fault_counts}"
     assert client.retries == injected + 4 * len(permanent)  # one retry per transient fault, 4 per permanent prompt
     assert client.requests == 200 + client.retries == server.request_count
+    assert client.calls == 200
+    assert client.bytes_sent == sum(body_bytes(body) for body in server.bodies)
     assert client.pop_metrics() == {
         "judge/requests": float(client.requests),
         "judge/retries": float(client.retries),
         "judge/failures": 10.0,
         "judge/cache_hits": 0.0,
+        "judge/bytes_sent": float(client.bytes_sent),
     }
     assert set(client.pop_metrics().values()) == {0.0}  # the interval since the last pop is empty
 
@@ -201,7 +243,16 @@ def test_image_parts_are_valid_openai_data_urls(tmp_path):
     red.save(jpeg_path, format="JPEG")
     jpeg_bytes = jpeg_path.read_bytes()
     parts = [image_message_part(red), image_message_part(jpeg_path), image_message_part(jpeg_bytes)]
-    assert all(part["image_url"]["url"].startswith("data:image/png;base64,") for part in parts)
+    # Small and not from a JPEG: lossless PNG. A JPEG within the budget: its own bytes, not re-encoded.
+    assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert (
+        parts[1]
+        == parts[2]
+        == {
+            "type": "image_url",
+            "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes).decode()},
+        }
+    )
     assert image_to_data_url(parts[0]["image_url"]["url"]) == parts[0]["image_url"]["url"]
 
     good = [
@@ -216,6 +267,124 @@ def test_image_parts_are_valid_openai_data_urls(tmp_path):
     assert answers == [{"score": 0}, {"score": 1}, {"score": 2}, None]
     assert server.fault_counts["bad_image"] == 1 and server.request_count == 4  # the 400 was not retried
     assert (client.retries, client.failures) == (0, 1)
+
+
+class TestJudgeImages:
+    @pytest.fixture(scope="class")
+    def photo_12mp(self):
+        return photo(4000, 3000)
+
+    def test_budget_size_keeps_the_aspect_ratio_and_never_upscales(self):
+        assert DEFAULT_MAX_PIXELS == 1280 * 28 * 28
+        assert budget_size(4000, 3000, DEFAULT_MAX_PIXELS) == (1156, 867)  # 1,002,252 px, 4:3 within one pixel
+        assert budget_size(3000, 4000, DEFAULT_MAX_PIXELS) == (867, 1156)
+        assert budget_size(100, 10_000, 10_000) == (10, 1000)
+        assert budget_size(640, 480, DEFAULT_MAX_PIXELS) == (640, 480)  # COCO size: untouched
+        assert budget_size(5, 5, None) == (5, 5)
+        for width, height in [(4000, 3000), (1, 50_000), (7919, 13), (6000, 4000)]:
+            new_width, new_height = budget_size(width, height, DEFAULT_MAX_PIXELS)
+            assert new_width * new_height <= DEFAULT_MAX_PIXELS and new_width <= width and new_height <= height
+
+    def test_a_12_megapixel_request_is_under_1_mb(self, photo_12mp):
+        with FaultInjectingServer(score_responder, validate_images=True) as server:
+            client = JudgeClient(server.base_url, "loopback", max_retries=0)
+
+            async def ask():
+                try:
+                    part = await client.image_part(photo_12mp)
+                    messages = [{"role": "user", "content": [part, {"type": "text", "text": "Rate prompt 3."}]}]
+                    return await client.complete_json(messages, SCORE_SCHEMA)
+                finally:
+                    await client.aclose()
+
+            assert asyncio.run(ask()) == {"score": 3}
+        (body,) = server.bodies
+        assert body_bytes(body) == client.bytes_sent <= 1_000_000  # was a 40 MB PNG
+        image = sent_image(body)
+        assert image.format == "JPEG" and image.size == (1156, 867)
+        assert server.fault_counts["bad_image"] == 0
+
+    def test_the_policy_resized_image_reaches_the_judge_unchanged(self, photo_12mp):
+        """Qwen2.5-VL recipes resize in the data path (max_pixels 1280 x 28 x 28): the judge gets those pixels."""
+        policy_image = ImageResize(256 * 28 * 28, 1280 * 28 * 28)(photo_12mp)
+        encoded = JudgeClient("http://127.0.0.1:9/v1", "m").encode_image(policy_image)
+        assert (encoded.width, encoded.height) == policy_image.size and policy_image.size != photo_12mp.size
+        # A tighter judge budget still applies on top of the policy's.
+        smaller = JudgeClient("http://127.0.0.1:9/v1", "m", max_pixels=200_000).encode_image(policy_image)
+        assert smaller.width * smaller.height <= 200_000
+
+    def test_small_images_are_never_upscaled_and_stay_lossless(self):
+        world_image = Image.new("RGB", (112, 112), (122, 116, 104))
+        world_image.putpixel((5, 5), (255, 0, 0))
+        encoded = ImageEncoder().encode(world_image)
+        decoded = Image.open(io.BytesIO(base64.b64decode(encoded.url.split(",", 1)[1])))
+        assert encoded.mime_type == "image/png" and decoded.size == (112, 112)
+        assert decoded.convert("RGB").tobytes() == world_image.tobytes()  # exactly the pixels
+        coco = ImageEncoder().encode(photo(640, 480))
+        assert (coco.mime_type, coco.width, coco.height) == ("image/jpeg", 640, 480)
+
+    def test_each_distinct_image_is_encoded_once(self, photo_12mp, tmp_path):
+        client = JudgeClient("http://127.0.0.1:9/v1", "m")
+
+        async def parts(images):
+            return await asyncio.gather(*(client.image_part(image) for image in images))
+
+        # Eight separately made copies of one content (as TRL hands the G rows of a prompt) and the object itself.
+        original = photo(2000, 1500, seed=3)
+        copies = [original.copy() for _ in range(8)]
+        urls = {part["image_url"]["url"] for part in asyncio.run(parts([*copies, original]))}
+        assert len(urls) == 1 and client.images.encodings == 1
+
+        # Copies decoded from one file are keyed by the file's bytes: the same key as the path itself.
+        path = tmp_path / "photo.jpg"
+        photo(2000, 1500, seed=1).save(path, quality=95)
+        decoded = []
+        for _ in range(4):
+            with Image.open(path) as image:
+                image.load()
+                decoded.append(image)
+        asyncio.run(parts([*decoded, path, path.read_bytes()]))
+        assert client.images.encodings == 2
+        assert len({client.images.key(item) for item in [*decoded, path]}) == 1
+        assert client.images.key(photo_12mp) != client.images.key(path)
+
+    def test_answer_cache_keys_are_stable_across_clients_and_copies(self, tmp_path):
+        image = photo(1600, 1200, seed=2)
+        keys = []
+        for copy in (image, image.copy()):
+            client = JudgeClient("http://127.0.0.1:9/v1", "m")  # a fresh client: a new run
+            part = client.encode_image(copy).message_part()
+            keys.append(client.cache_key([{"role": "user", "content": [part]}], SCORE_SCHEMA))
+        assert keys[0] == keys[1]
+        other = JudgeClient("http://127.0.0.1:9/v1", "m", max_pixels=500_000).encode_image(image).message_part()
+        assert client.cache_key([{"role": "user", "content": [other]}], SCORE_SCHEMA) != keys[0]
+
+
+def test_check_asks_the_server_and_says_what_is_wrong_in_one_line():
+    async def check(client, messages=None, schema=SCORE_SCHEMA):
+        try:
+            return await client.check(messages or prompt_messages(4), schema)
+        finally:
+            await client.aclose()
+
+    down = JudgeClient(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=1, **FAST_BACKOFF)
+    fault = asyncio.run(check(down))
+    assert fault == "connection error (ConnectError), after 2 attempts"
+    assert (down.calls, down.requests, down.failures) == (1, 2, 1)
+
+    with FaultInjectingServer(lambda messages: '{"verdict": "fine"}') as server:
+        fault = asyncio.run(check(JudgeClient(server.base_url, "m", max_retries=0)))
+    assert fault.startswith("answer does not match the schema: 'score' is a required property, after 1 attempt")
+
+    with FaultInjectingServer(score_responder, required_api_key="right") as server:
+        fault = asyncio.run(check(JudgeClient(server.base_url, "m", max_retries=3)))
+    assert fault.startswith("rejected with HTTP 401") and "Incorrect API key" in fault and server.request_count == 1
+
+    with FaultInjectingServer(score_responder) as server, tempfile.TemporaryDirectory() as cache:
+        client = JudgeClient(server.base_url, "m", cache_dir=cache)
+        assert ask_all(client, [prompt_messages(4)]) == [{"score": 4}]
+        assert asyncio.run(check(client)) is None
+        assert server.request_count == 2  # the check asked the server, not the cache
 
 
 def test_cache_key_hashes_images():
