@@ -184,7 +184,9 @@ class JudgeFailureBudget(TrainerCallback):
             f"{state.global_step}; judge at {', '.join(sorted({c.base_url for c in self.clients}))}"
         )
         if self.outage_wait_seconds > 0 and self._wait_for_judge(args, summary):
+            # A fresh window; the probes' own calls are not training steps' (they do show in the next judge/* logs).
             self.history.clear()
+            self._last = self._totals()
             self.outages_survived += 1
             return control
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -26,6 +26,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from tests.loopback_server import (
@@ -186,6 +187,21 @@ def image_part_problem(messages: Messages) -> str | None:
             if image_format != IMAGE_URL_FORMATS[prefix]:
                 return f"image is {image_format}, not the {IMAGE_URL_FORMATS[prefix]} its URL says"
     return None
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like image: smooth gradients and waves plus sensor-like noise (JPEG sizes like a real photo's)."""
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    channels = [170 * x + 60 * y, 120 * y + 40 * np.sin(25 * x) + 60, 90 * (x + y) + 30 * np.cos(17 * y)]
+    pixels = np.stack(channels, axis=2) + rng.integers(0, 24, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def body_bytes(body: dict) -> int:
+    """Size of a request body as the client counts it (compact JSON, UTF-8)."""
+    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 # ----------------------------------------------------------------------------------------------------------- llama.cpp

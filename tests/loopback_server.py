@@ -164,7 +164,8 @@ class LoopbackChatServer:
         authorization_headers: the ``Authorization`` header of every request, in arrival order.
         bodies: the decoded JSON body of every request, in arrival order.
 
-    Use as ``with LoopbackChatServer(...) as server: client(base_url=server.base_url)``.
+    Use as ``with LoopbackChatServer(...) as server: client(base_url=server.base_url)``. A server stopped and
+    started again listens on the same port, as a restarted judge server would (a judge that "goes down" mid-run).
     """
 
     def __init__(self, responder: Responder = default_responder, *, latency_s: float = 0.0, model: str = "loopback"):
@@ -179,6 +180,7 @@ class LoopbackChatServer:
         self._connections: set[socket.socket] = set()
         self._http_server: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0  # 0 until the first start: the OS picks a free port, kept for restarts
 
     @property
     def port(self) -> int:
@@ -192,10 +194,11 @@ class LoopbackChatServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self) -> LoopbackChatServer:
-        """Bind a free port on 127.0.0.1 and serve from a daemon thread."""
+        """Bind a free port on 127.0.0.1 (the previous one on a restart) and serve from a daemon thread."""
         self._stopping.clear()
-        self._http_server = _HTTPServer(("127.0.0.1", 0), ChatRequestHandler)
+        self._http_server = _HTTPServer(("127.0.0.1", self._port), ChatRequestHandler)
         self._http_server.owner = self
+        self._port = self._http_server.server_address[1]
         self._thread = threading.Thread(
             target=self._http_server.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback-chat", daemon=True
         )

@@ -16,7 +16,6 @@ import tempfile
 import threading
 import urllib.request
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,10 +23,7 @@ from balcaprl.data import ImageResize
 from balcaprl.judge import JudgeClient, extract_json_object, image_message_part, image_to_data_url
 from balcaprl.judge_images import DEFAULT_MAX_PIXELS, ImageEncoder, budget_size
 from benchmarks.judge import judge_throughput
-from tests.judge_servers import (
-    FAULTS,
-    FaultInjectingServer,
-)
+from tests.judge_servers import FAULTS, FaultInjectingServer, body_bytes, photo
 from tests.loopback_server import prompt_text
 
 SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
@@ -45,16 +41,6 @@ def prompt_index(messages: list[dict]) -> int:
 def score_responder(messages: list[dict]) -> str:
     """The right answer for ``prompt N`` is ``{"score": N}``, so tests can check every answer."""
     return json.dumps({"score": prompt_index(messages)})
-
-
-def photo(width: int, height: int, seed: int = 0) -> Image.Image:
-    """A photo-like image: smooth gradients and waves plus sensor-like noise (JPEG sizes like a real photo's)."""
-    rng = np.random.default_rng(seed)
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
-    channels = [170 * x + 60 * y, 120 * y + 40 * np.sin(25 * x) + 60, 90 * (x + y) + 30 * np.cos(17 * y)]
-    pixels = np.stack(channels, axis=2) + rng.integers(0, 24, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
 def sent_image(body: dict) -> Image.Image:
@@ -114,11 +100,6 @@ class TestExtractJsonObject:
 
 
 # -------------------------------------------------------------------------------------------------------------- faults
-
-
-def body_bytes(body: dict) -> int:
-    """Size of a request body as the client counts it (compact JSON, UTF-8)."""
-    return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def test_batch_of_200_survives_30_percent_faults_and_counts_permanent_failures():
