@@ -5,7 +5,9 @@
 - ``trainer``: step time of `BalCapGRPOTrainer` (c-GDPO + length mask) over TRL's `GRPOTrainer` (goal ≤ 1.02);
 - ``cider``: speed of `balcaprl.rewards.CiderD` over pycocoevalcap's CIDEr-D on GRPO-shaped groups (goal ≥ 20×);
 - ``judge``: judge-client throughput against a loopback server with 50 ms latency, as a fraction of the
-  concurrency bound (goal ≥ 0.8).
+  concurrency bound (goal ≥ 0.8); then the judge rewards on one GRPO step at real image sizes (8 prompts x G = 8,
+  5 references, COCO-size and 12 MP images, 500 ms server latency, concurrency 64), before and after issue 11:
+  client time, requests and bytes per step, with their ratios.
 """
 
 from __future__ import annotations
@@ -50,8 +52,12 @@ def _judge(args) -> None:
         f" {result['latency_s'] * 1000:.0f} ms:\n"
         f"  {result['requests_per_s']:.0f} req/s of a {result['bound_requests_per_s']:.0f} req/s bound,"
         f" {result['failures']} failures\n"
-        f"  fraction of the concurrency bound = {result['fraction_of_bound']:.3f}   (goal >= 0.8)"
+        f"  fraction of the concurrency bound = {result['fraction_of_bound']:.3f}   (goal >= 0.8)\n"
     )
+    from benchmarks.judge import format_judge_step, judge_step
+
+    latency, concurrency = 0.5, 64
+    print(format_judge_step(judge_step(latency, concurrency), latency, concurrency))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -262,8 +262,12 @@ def _close_quietly(connection: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def loopback_server_process(*, latency_s: float = 0.0, answer: str = '{"score": 1}') -> Iterator[str]:
+def loopback_server_process(
+    *, latency_s: float = 0.0, answer: str = '{"score": 1}', responder: str | None = None
+) -> Iterator[str]:
     """Run a :class:`LoopbackChatServer` answering ``answer`` in a child process; yield its base URL.
+
+    ``responder``: ``"package.module:function"``, a responder the child imports and answers with instead of ``answer``.
 
     A server in its own process has its own GIL, so it does not steal CPU time from the client being measured, as a
     real judge server would not. The child exits when the context exits, or when this process dies (its stdin closes).
@@ -274,6 +278,8 @@ def loopback_server_process(*, latency_s: float = 0.0, answer: str = '{"score": 
         "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])),
     }
     command = [sys.executable, "-m", "tests.loopback_server", "--latency", str(latency_s), "--answer", answer]
+    if responder is not None:
+        command += ["--responder", responder]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=environment)
     try:
         line = process.stdout.readline() if process.stdout else ""
@@ -294,8 +300,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Serve a loopback OpenAI-compatible chat server until stdin closes.")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before every answer")
     parser.add_argument("--answer", default='{"score": 1}', help="the assistant content of every answer")
+    parser.add_argument("--responder", help="package.module:function answering each request instead of --answer")
     arguments = parser.parse_args()
-    with LoopbackChatServer(lambda messages: arguments.answer, latency_s=arguments.latency) as server:
+    responder: Responder = lambda messages: arguments.answer  # noqa: E731
+    if arguments.responder:
+        import importlib
+
+        module_name, _, function_name = arguments.responder.partition(":")
+        responder = getattr(importlib.import_module(module_name), function_name)
+    with LoopbackChatServer(responder, latency_s=arguments.latency) as server:
         print(f"port {server.port}", flush=True)
         sys.stdin.read()  # EOF when the parent closes our stdin or dies
 

@@ -22,7 +22,7 @@ from PIL import Image
 from balcaprl.data import ImageResize
 from balcaprl.judge import JudgeClient, extract_json_object, image_message_part, image_to_data_url
 from balcaprl.judge_images import DEFAULT_MAX_PIXELS, ImageEncoder, budget_size
-from benchmarks.judge import judge_throughput
+from benchmarks.judge import format_judge_step, judge_step, judge_throughput
 from tests.judge_servers import FAULTS, FaultInjectingServer, body_bytes, photo
 from tests.loopback_server import prompt_text
 
@@ -520,3 +520,13 @@ def test_throughput_benchmark_runs():
     result = judge_throughput(latency_s=0.02, concurrency=4, num_requests=24)
     assert result["failures"] == 0 and result["requests"] == 24
     assert 0 < result["fraction_of_bound"] <= 1.05
+
+
+def test_judge_step_benchmark_runs():
+    """The GRPO-step benchmark at toy sizes: no failures, v2 recall asks one request per caption, not per reference."""
+    results = judge_step(latency_s=0.01, concurrency=8, num_prompts=2, num_generations=2, sizes={"tiny": (64, 48)})
+    before, after = results
+    assert before["failures"] == after["failures"] == 0
+    assert before["requests_by_prompt"]["recall_verify"] == 4 * 5 and after["requests_by_prompt"]["recall_verify"] == 4
+    assert after["requests"] == 4 + 10 + 4 + 4  # precision + decompositions + verifications + linguistic
+    assert "after/before" in format_judge_step(results, 0.01, 8)

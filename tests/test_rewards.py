@@ -193,11 +193,11 @@ class TestLinguistic:
     def test_thirty_percent_faults_only_permanent_failures_are_none(self):
         judge = ScriptedJudge()
         with FaultInjectingServer(
-            judge, fault_rate=0.3, seed=3, hang_s=1.0, max_consecutive_faults=3,
+            judge, fault_rate=0.3, seed=3, hang_s=3.0, max_consecutive_faults=3,
             fails_permanently=lambda m: "FAIL" in prompt_text(m),
         ) as server:  # fmt: skip
             client = JudgeClient(
-                server.base_url, "scripted", timeout=0.3, max_retries=4, max_concurrency=16,
+                server.base_url, "scripted", timeout=1.0, max_retries=4, max_concurrency=16,
                 backoff_base_s=0.001, backoff_max_s=0.01,
             )  # fmt: skip
             captions = [f"caption number {i}" if i % 20 else f"FAIL {i}" for i in range(200)]
