@@ -18,6 +18,7 @@ import json
 import os
 import random
 import re
+import socket
 import threading
 import zipfile
 from collections import Counter
@@ -202,6 +203,13 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
 def body_bytes(body: dict) -> int:
     """Size of a request body as the client counts it (compact JSON, UTF-8)."""
     return len(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def free_port() -> int:
+    """A local port nothing listens on (connections to it are refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------------------------------------- llama.cpp

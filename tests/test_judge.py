@@ -23,7 +23,7 @@ from balcaprl.data import ImageResize
 from balcaprl.judge import JudgeClient, extract_json_object, image_message_part, image_to_data_url
 from balcaprl.judge_images import DEFAULT_MAX_PIXELS, ImageEncoder, budget_size
 from benchmarks.judge import format_judge_step, judge_step, judge_throughput
-from tests.judge_servers import FAULTS, FaultInjectingServer, body_bytes, photo
+from tests.judge_servers import FAULTS, FaultInjectingServer, body_bytes, free_port, photo
 from tests.loopback_server import prompt_text
 
 SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
@@ -49,15 +49,6 @@ def sent_image(body: dict) -> Image.Image:
         if isinstance(part, dict) and part.get("type") == "image_url":
             return Image.open(io.BytesIO(base64.b64decode(part["image_url"]["url"].split(",", 1)[1])))
     raise AssertionError("the request has no image part")
-
-
-def free_port() -> int:
-    """A local port nothing listens on (connections to it are refused)."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def ask_all(client: JudgeClient, message_lists: list[list[dict]], **kwargs) -> list[dict | None]:

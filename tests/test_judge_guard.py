@@ -17,8 +17,7 @@ from transformers import TrainerCallback
 from balcaprl.judge_guard import JudgeFailureBudget, JudgeUnavailableError, check_judges, judge_guard_callbacks
 from balcaprl.rewards import get_reward_funcs
 from tests.helpers import make_config, make_trainer, mentions_colour, toy_dataset
-from tests.judge_servers import FaultInjectingServer, ScriptedJudge
-from tests.test_judge import free_port
+from tests.judge_servers import FaultInjectingServer, ScriptedJudge, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"judge_max_retries": 1, "judge_backoff_base_s": 0.001, "judge_backoff_max_s": 0.01, "judge_timeout": 10}
