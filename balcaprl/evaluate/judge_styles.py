@@ -19,7 +19,7 @@ from balcaprl.evaluate.records import (
     non_empty_references,
     normalize_question,
 )
-from balcaprl.judge import JudgeClient, image_message_part
+from balcaprl.judge import JudgeClient
 
 __all__ = ["caparena_section", "captionqa_section", "dcscore_section"]
 
@@ -59,7 +59,7 @@ async def _dcscore_one(record: CaptionRecord, judge: JudgeClient, recall: Any, t
             {
                 "role": "user",
                 "content": [
-                    image_message_part(record.image),
+                    await judge.image_part(record.image),  # the judge's own image budget, off the event loop
                     {"type": "text", "text": template.format(units=numbered, count=len(caption_units))},
                 ],
             }
@@ -242,7 +242,7 @@ async def _arena_verdict(
             f"not necessarily wrong):\n{quoted}\n"
         )
     text = template.format(context=context, references=reference_block, caption_a=caption_a, caption_b=caption_b)
-    content: Any = text if image is None else [image_message_part(image), {"type": "text", "text": text}]
+    content: Any = text if image is None else [await judge.image_part(image), {"type": "text", "text": text}]
     answer = await judge.complete_json(
         [{"role": "user", "content": content}], ARENA_SCHEMA, cache_key_extra=f"arena_{STYLE_PROMPT_VERSION}"
     )
