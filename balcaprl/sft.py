@@ -102,14 +102,9 @@ class CaptionSFTCollator:
             processor_kwargs={"padding": True, "padding_side": "left"},
         )
         prompt_mask = prompt_batch["attention_mask"].bool()
-        # Per-token fields (e.g. Qwen2.5-VL's mm_token_type_ids, which give it its 3-D positions) follow the tokens.
-        per_token = [
-            key
-            for key, value in prompt_batch.items()
-            if key not in ("input_ids", "attention_mask")
-            and isinstance(value, torch.Tensor)
-            and value.shape == prompt_batch["input_ids"].shape
-        ]
+        # Per-token fields follow the tokens (Qwen2.5-VL's mm_token_type_ids give it its 3-D positions; Gemma-style
+        # token_type_ids); completion and padding positions are text, 0. Image fields stay as the processor made them.
+        per_token = [key for key in prompt_batch if key.endswith("token_type_ids")]
         rows = []
         for index, (prompt, example) in enumerate(zip(prompts, examples, strict=True)):
             prompt_ids = prompt_batch["input_ids"][index][prompt_mask[index]]

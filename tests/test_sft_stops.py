@@ -8,11 +8,15 @@ the real ``balcaprl sft`` entry point (TRL's `SFTTrainer`).
 import json
 
 import pytest
+import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import prepare_multimodal_messages
 
 from balcaprl.generation import load_for_generation
+from balcaprl.models import load_processor
+from balcaprl.sft import CaptionSFTCollator
 from balcaprl.sft import main as sft_main
 from tests.helpers import greedy_caption_tokens
 
@@ -94,3 +98,33 @@ def test_sft_batch_has_the_rl_prompt_tokens_and_a_supervised_eos(tmp_path, refer
         # The caption is tokenized as generation continues the prompt: no stray whitespace token first (Llama's
         # tokenizer gives '▁' + '▁a' for a separately tokenized ' a …', but '▁a' after 'ASSISTANT:').
         assert tokenizer.decode(completion[:1]).strip(), decoded
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_collator_batches_rows_of_different_lengths_like_single_rows(reference_models, family):
+    """Right padding and the per-token fields (Qwen's mm_token_type_ids → 3-D positions) line up: each row's logits
+    in a batch equal its logits alone."""
+    path = reference_models[family]
+    processor = load_processor(str(path))
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    collator = CaptionSFTCollator(processor)
+    rows = [
+        {"prompt": [{"role": "user", "content": "Describe this image."}], "images": [Image.new("RGB", size, "red")],
+         "completion": [{"role": "assistant", "content": caption}]}
+        for size, caption in [((56, 56), "a red square on a gray background."), ((112, 84), "red.")]
+    ]  # fmt: skip
+    batch = collator([dict(row) for row in rows])
+    assert batch["attention_mask"][1].tolist()[-1] == 0 or batch["attention_mask"][0].tolist()[-1] == 0
+    if family == "qwen2_5_vl":
+        image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        assert torch.equal(batch["mm_token_type_ids"] == 1, batch["input_ids"] == image_id)
+        assert (batch["input_ids"] == image_id).sum(dim=1).tolist() == [4, 12]  # 56×56 → 2×2, 112×84 → 4×3
+    with torch.no_grad():
+        together = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+        for index, row in enumerate(rows):
+            alone = collator([dict(row)])
+            length = int(alone["attention_mask"].sum())
+            assert torch.equal(alone["input_ids"][0], batch["input_ids"][index, :length])
+            assert torch.equal(alone["labels"][0], batch["labels"][index, :length])
+            logits = model(**{key: value for key, value in alone.items() if key != "labels"}).logits
+            torch.testing.assert_close(together[index, :length], logits[0], atol=1e-4, rtol=1e-4)
