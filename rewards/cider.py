@@ -254,9 +254,11 @@ class CiderD:
         ref_weight = table[position[matched]]  # (M, max_refs)
         clipped = np.minimum(candidate_weight[:, None], ref_weight) * ref_weight
         bins = (owner[:, None] * max_refs + np.arange(max_refs)) * max_order + order[:, None]
-        numerator = np.bincount(
-            bins.ravel(), weights=clipped.ravel(), minlength=num_candidates * max_refs * max_order
-        ).reshape(num_candidates, max_refs, max_order)
+        numerator = (
+            np.bincount(bins.ravel(), weights=clipped.ravel(), minlength=num_candidates * max_refs * max_order)
+            .astype(np.float64, copy=False)  # bincount of no weights at all (nothing matched) is an int array
+            .reshape(num_candidates, max_refs, max_order)
+        )
 
         denominator = norms[:num_candidates, None, :] * ref_norms[candidate_set]  # ‖g^n(c)‖ ‖g^n(s_j)‖
         similarity = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)

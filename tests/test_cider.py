@@ -317,3 +317,11 @@ def test_speedup_benchmark_runs_and_agrees():
     result = cider_speedup(num_images=6, num_candidates=3, repeats=1)
     assert set(result) == {"ours_s", "pycocoevalcap_s", "speedup", "max_abs_diff"}
     assert result["max_abs_diff"] <= 1e-6
+
+
+def test_candidates_sharing_no_ngram_with_their_references_score_zero():
+    # With no matched n-gram in the whole call the numerator was an int array, and the division into it failed
+    # (an untrained policy's first RL step: empty, punctuation-only or unrelated captions).
+    scorer = CiderD([["a red circle on a gray background.", "There is a large red circle."], ["a blue square."]])
+    candidates = ["", ".", "“ ”", "zebra crossing"]
+    assert scorer.score(candidates, [["a red circle on a gray background."]] * 4) == [0.0] * 4
