@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from balcaprl.data import DEFAULT_INSTRUCTION
-from balcaprl.models import load_processor, resolve_model_path
+from balcaprl.models import adapter_base, load_processor, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,10 @@ def load_for_generation(path: str | Path, dtype: torch.dtype | None = None, devi
     from transformers import AutoModelForImageTextToText
 
     path = Path(resolve_model_path(str(path)))
-    adapter_config = path / "adapter_config.json"
-    if adapter_config.is_file():
+    base = adapter_base(str(path))
+    if base is not None:
         from peft import PeftModel
 
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
         model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
         has_processor = (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file()

@@ -163,9 +163,29 @@ def _builder_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
+def adapter_base(model_name_or_path: str) -> str | None:
+    """The base checkpoint a LoRA adapter folder names (``adapter_config.json``), None for anything else.
+
+    A base given as a local path that does not exist here (e.g. trained on another machine) is an error that says
+    which file names it.
+    """
+    adapter_config = Path(model_name_or_path) / "adapter_config.json"
+    if not adapter_config.is_file():
+        return None
+    base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    looks_local = base and (os.path.isabs(base) or base.startswith(".") or base.count("/") > 1)
+    if not base or (looks_local and not os.path.isdir(base)):
+        raise ValueError(
+            f"{adapter_config} names the base model {base!r}, which is not a folder here. Edit its "
+            "base_model_name_or_path to where the base checkpoint is on this machine (or its Hub name)."
+        )
+    return base
+
+
 def model_family(model_name_or_path: str) -> str:
-    """``"qwen2_5_vl"`` or ``"llava"`` from a checkpoint's config (a clear error for anything else)."""
-    model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
+    """``"qwen2_5_vl"`` or ``"llava"`` from a checkpoint's config, or a LoRA adapter folder's base's (a clear error
+    for anything else)."""
+    model_type = AutoConfig.from_pretrained(adapter_base(model_name_or_path) or model_name_or_path).model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{model_name_or_path!r} is a {model_type!r} model; balcaprl supports {list(SUPPORTED_MODEL_TYPES)}."
