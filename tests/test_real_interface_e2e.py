@@ -124,7 +124,7 @@ def test_sft_then_rl_with_vllm_then_evaluate(reference_models, judge_url, tmp_pa
             use_peft=True,
             lora_r=4,
             lora_alpha=8,
-            max_steps=2,
+            max_steps=2 if estimator == "c_gdpo" else 1,  # two steps where the mask and judge metrics are checked
             num_generations=2,
             per_device_train_batch_size=4,
             max_completion_length=8,
@@ -134,7 +134,7 @@ def test_sft_then_rl_with_vllm_then_evaluate(reference_models, judge_url, tmp_pa
         )
         run_cli("train", recipe, vllm=True)
         steps = [log for log in log_history(rl_dir) if "loss" in log]
-        assert len(steps) == 2, estimator
+        assert len(steps) == (2 if estimator == "c_gdpo" else 1), estimator
         assert all("advantages/distinct_per_group" in log for log in steps)
         if estimator == "c_gdpo":
             assert all(log["judge/failures"] == 0 and log["judge/requests"] > 0 for log in steps)
