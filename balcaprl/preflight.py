@@ -57,8 +57,6 @@ REPORT_TO_PACKAGES = {
     "wandb": ("wandb", "wandb"),
     "trackio": ("trackio", "trackio"),
     "mlflow": ("mlflow", "mlflow"),
-    "comet_ml": ("comet_ml", "comet-ml"),
-    "clearml": ("clearml", "clearml"),
 }
 
 
@@ -346,24 +344,28 @@ def image_tokens(family: str, config, model_args, config_source: str | None, ima
     return bound, f"max_pixels {resize.max_pixels} / {resize.factor}^2, no data sample"
 
 
-def prompt_tokens(tokenizer_source: str | None, instruction: str, family: str) -> tuple[int, bool]:
-    """(prompt tokens besides the image's, counted exactly?): with the model's tokenizer and chat template when the
-    folder has them (the image counted as one placeholder, then removed), else an upper bound."""
+def count_prompt_tokens(tokenizer, instruction: str, family: str, chat_template: str | None = None) -> int:
+    """Tokens of the RL / evaluation prompt besides the image tokens: the chat template around the instruction, the
+    image counted as its one placeholder token and then left out. LLaVA's prompts carry ``<s>`` (the tokenizer adds
+    it); Qwen's template adds no special token itself."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=family == "llava")["input_ids"]
+    return len(ids) - 1
+
+
+def prompt_tokens(tokenizer_source: str | None, instruction: str, family: str) -> tuple[int, bool]:
+    """(prompt tokens besides the image's, counted exactly?): `count_prompt_tokens` with the model folder's
+    tokenizer and chat template when it has them, else the bound ``instruction bytes + TEMPLATE_TOKENS_BOUND``."""
     files = ("tokenizer.json", "vocab.json")
-    has_tokenizer = tokenizer_source and any((Path(tokenizer_source) / name).is_file() for name in files)
-    if has_tokenizer:
+    if tokenizer_source and any((Path(tokenizer_source) / name).is_file() for name in files):
         try:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
             template = getattr(tokenizer, "chat_template", None) or _chat_template(Path(tokenizer_source))
-            text = tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=True
-            )
-            # RL and evaluation prompts carry LLaVA's <s> (add_special_tokens); Qwen adds none either way
-            ids = tokenizer(text, add_special_tokens=family == "llava")["input_ids"]
-            return len(ids) - 1, True
+            return count_prompt_tokens(tokenizer, instruction, family, template), True
         except Exception:  # noqa: BLE001 -- any tokenizer trouble falls back to the bound, which is always safe
             pass
     return len(instruction.encode()) + TEMPLATE_TOKENS_BOUND, False
