@@ -445,6 +445,8 @@ class MemoryEstimate:
     terms: dict[str, float]
     gpu_bytes: float
     notes: list[str] = field(default_factory=list)
+    # colocated vLLM: (its weights, the KV cache the rollout batch needs, its share of the GPU), in bytes
+    vllm: tuple[float, float, float] | None = None
 
     @property
     def total(self) -> float:
@@ -522,15 +524,15 @@ def memory_estimate(
             f"vLLM share {share / GIB:.2f} GiB holds its weights {vllm_weights / GIB:.2f} GiB + the KV cache of "
             f"{sequences} rollouts x {length} tokens = {kv_needed / GIB:.2f} GiB"
         )
-        terms_vllm = (vllm_weights, kv_needed, share)
+        vllm = (vllm_weights, kv_needed, share)
     else:
-        terms_vllm = None
+        vllm = None
         if getattr(training_args, "use_vllm", False):
             notes.append("vLLM in server mode: rollouts run on the vllm-serve node, nothing on the training GPUs")
     terms["CUDA context and buffers (fixed)"] = CUDA_OVERHEAD_BYTES
-    estimate = MemoryEstimate(terms, gpu_bytes, notes)
-    estimate.vllm = terms_vllm  # type: ignore[attr-defined]
-    return estimate
+    if not c:
+        notes.append("SFT: sequences counted as image + prompt tokens; the caption's own tokens come on top")
+    return MemoryEstimate(terms, gpu_bytes, notes, vllm)
 
 
 def check_memory(report: PreflightReport, estimate: MemoryEstimate) -> None:
@@ -543,9 +545,8 @@ def check_memory(report: PreflightReport, estimate: MemoryEstimate) -> None:
             f"the largest term is {estimate.largest} ({estimate.terms[estimate.largest] / GIB:.1f} GiB). Use a higher "
             "ZeRO stage or more GPUs, LoRA, gradient checkpointing, or a smaller per_device_train_batch_size.",
         )
-    vllm = getattr(estimate, "vllm", None)
-    if vllm is not None:
-        weights, kv_needed, share = vllm
+    if estimate.vllm is not None:
+        weights, kv_needed, share = estimate.vllm
         if weights + kv_needed > share:
             report.problem(
                 "memory",
