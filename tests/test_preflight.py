@@ -298,3 +298,17 @@ def test_train_stops_before_weights_with_the_preflight_problems(tmp_path):
     message = str(stopped.value)
     assert message.startswith("balcaprl train: error: preflight found problems before loading weights:")
     assert "[environment] report_to wandb needs the 'wandb' package" in message
+
+
+def test_lora_trains_the_adapters_and_needs_no_reference_model(tmp_path):
+    # LoRA r=16 on the language model's q/k/v/o (4096 -> 4096) and gate/up (4096 -> 11008), down (11008 -> 4096):
+    # r x (in + out) per matrix, 32 layers. The reference model is the base with the adapters off: no second copy.
+    overrides = ["--dataset", caption_jsonl(tmp_path), "--dataset_format", "jsonl", "--image_root", str(tmp_path),
+                 "--use_peft", "true", "--lora_r", "16"]  # fmt: skip
+    report = preflight("recipes/llava_1_5_7b/grpo_cider.yaml", overrides, model_config=str(LLAVA))
+    h, i, r = 4096, 11008, 16
+    lora = 32 * r * (4 * (h + h) + 2 * (h + i) + (i + h))
+    assert lora == 39_976_960
+    assert report.memory.terms["optimizer states (AdamW)"] == 12 * lora / 8
+    assert report.memory.terms["gradients"] == lora * 2 / 8
+    assert "reference model (beta > 0)" not in report.memory.terms
