@@ -609,7 +609,7 @@ def check_environment(report: PreflightReport, training_args, zero_stage: int) -
             if requirement.name == "vllm":
                 report.problem(
                     "environment", f"vllm {installed} is not a supported version ({requirement}): "
-                    'pip install "balcaprl[vllm]"')  # fmt: skip
+                    'pip install "balcaprl[vllm]".')  # fmt: skip
             else:  # the vLLM set's other pins (transformers): vLLM itself enforces them at install time
                 lines.append(f"note: the vllm extra pins {requirement}; {requirement.name} {installed} is installed")
     report.add("environment", "\n".join(lines) or "no extra packages needed")

@@ -232,10 +232,24 @@ def test_too_small_vllm_context(tmp_path, monkeypatch):
     assert "Set vllm_max_model_length: 768" in problem  # 628 + 64, rounded up to a multiple of 256
 
 
-def test_unsupported_vllm_version_and_missing_vllm(tmp_path):
+def test_missing_vllm(tmp_path):
     code, text = run(passing_argv(tmp_path, use_vllm="true"))
     assert code == 1 and problems_of(text) == [
         "1. [environment] use_vllm needs the 'vllm' package, which is not installed: pip install \"balcaprl[vllm]\"."
+    ]
+
+
+def test_unsupported_vllm_version(tmp_path, monkeypatch):
+    # An installed vLLM outside the `vllm` extra's pin (a stand-in package with its own dist-info)
+    site = tmp_path / "site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text('__version__ = "0.35.0"\n')
+    (site / "vllm-0.35.0.dist-info").mkdir()
+    (site / "vllm-0.35.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.35.0\n")
+    monkeypatch.syspath_prepend(str(site))
+    code, text = run(passing_argv(tmp_path, use_vllm="true"))
+    assert code == 1 and problems_of(text) == [
+        '1. [environment] vllm 0.35.0 is not a supported version (vllm==0.31.0): pip install "balcaprl[vllm]".'
     ]
 
 
