@@ -19,18 +19,20 @@ SCRIPT = REPO / "tests" / "scripts" / "two_node_train.py"
 SLURM = REPO / "recipes" / "slurm" / "train.slurm"
 
 
-def launch_two_nodes(model: Path, output_dir: Path, max_steps: int, tag: str) -> list[dict]:
-    """Both nodes' `accelerate launch`, concurrently; returns each node's record."""
+def launch_two_nodes(model: Path, output_dir: Path, max_steps: int, tag: str, config: str = "ddp_2nodes.yaml") -> list:
+    """Both nodes' `accelerate launch` with the repo's 2-node ``config``, concurrently; returns each node's record."""
+    # CPU: use_cpu=True in the trainer config -> gloo; a DeepSpeed config takes its precision from its JSON
+    precision = [] if config.startswith("zero") else ["--mixed_precision", "no"]
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     processes = []
     for rank in (0, 1):
         command = [
             sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(REPO / "recipes" / "accelerate" / "ddp_2nodes.yaml"),
+            "--config_file", str(REPO / "recipes" / "accelerate" / config),
             "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-            "--mixed_precision", "no", "--dynamo_backend", "no",  # CPU: use_cpu=True in the trainer config -> gloo
+            *precision, "--dynamo_backend", "no",
             str(SCRIPT), str(model), str(output_dir), str(max_steps), tag,
         ]  # fmt: skip
         processes.append(
