@@ -75,10 +75,9 @@ def test_every_shipped_recipe_prints_its_budget_table_and_verdict(path, qwen_3b_
     overrides = closed_judge() if uses_judge(path) else []
     report = preflight(str(path), overrides, model_config=model_config_for(path, qwen_3b_config))
     text = report.render()
-    assert "problem(s)" in text and "== token budget ==" in text and "== output ==" in text
+    assert "== token budget ==" in text and "== output ==" in text
     failing = {problem.check for problem in report.problems}
     assert failing <= {"data", "environment", "judge"}, report.render()
-    assert "data" in failing  # the datasets are not in the checkout
     if recipe.get("use_cpu"):
         assert "a CPU recipe" in text
         return
