@@ -2,6 +2,8 @@
 
     balcaprl sft   CONFIG [--key value ...]   stage 1: cross-entropy fine-tuning on the references
     balcaprl train CONFIG [--key value ...]   stage 2: RL (BalCapRL c-GDPO, GRPO or SCST)
+    balcaprl preflight CONFIG [--gpus N --gpu-memory GB] [--accelerate-config FILE] [--key value ...]
+                                              will the recipe run? (hardware, packages, data, judge; no weights)
     balcaprl evaluate --model M --data SPEC --output-dir DIR [...]   caption a split (resumable), then score it
     balcaprl evaluate score|compare ...       score captions (JSONL, or COCO results + --annotations) / compare reports
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
@@ -30,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _stage_parser(subparsers, "sft", "Stage 1: supervised (cross-entropy) fine-tuning on reference captions.")
     _stage_parser(subparsers, "train", "Stage 2: RL fine-tuning (BalCapRL c-GDPO, GRPO or SCST).")
+    subparsers.add_parser(
+        "preflight", help="Check a recipe before launching (see `balcaprl preflight --help`).", add_help=False
+    )
     evaluate = subparsers.add_parser(
         "evaluate", help="Score captions and write reports (see `balcaprl evaluate --help`).", add_help=False
     )
@@ -45,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from balcaprl.evaluate import main as evaluate
 
         sys.exit(evaluate(argv[1:]))
+    if argv[:1] == ["preflight"]:  # its own parser; exit code 1 when any check fails
+        from balcaprl.preflight import main as preflight
+
+        sys.exit(preflight(argv[1:]))
     if argv[:1] == ["demo"]:
         from balcaprl.demo import main as demo
 

@@ -23,6 +23,7 @@ from trl import SFTConfig
 from balcaprl.config import CaptionDataConfig, CaptionModelConfig
 from balcaprl.train import (
     RecipeError,
+    check_before_weights,
     load_family_and_processor,
     load_training_data,
     parse_config,
@@ -173,6 +174,7 @@ def main(argv: Sequence[str] | None = None):
     data_args, training_args, model_args = parse_config(SFT_CONFIG_TYPES, argv)
     require(model_args.model_name_or_path, "model_name_or_path")
     require(data_args.dataset, "dataset")
+    check_before_weights(data_args, training_args, model_args)  # balcaprl.preflight's cheap checks
 
     from trl import SFTTrainer
 

@@ -213,12 +213,21 @@ def print_parameter_breakdown(trainer, family: str) -> None:
         print(f"Trainable parameters ({family}):\n{breakdown}")
 
 
+def check_before_weights(data_args, training_args, model_args) -> None:
+    """`balcaprl.preflight.check_before_weights` (imported late: preflight imports this module)."""
+    from balcaprl.preflight import check_before_weights as check
+
+    check(data_args, training_args, model_args)
+
+
 def main(argv: Sequence[str] | None = None):
     """Run the RL stage of a recipe; returns the trainer."""
     # 1. parse (fails on unknown keys or bad values before anything heavy)
     data_args, reward_args, training_args, model_args = parse_config(RL_CONFIG_TYPES, argv)
     require(model_args.model_name_or_path, "model_name_or_path")
     require(data_args.dataset, "dataset")
+    # packages, output folder, token budget (balcaprl.preflight): one error listing every problem, before loading
+    check_before_weights(data_args, training_args, model_args)
 
     from balcaprl.data import corpus_references, resize_images
     from balcaprl.judge_guard import check_judges, judge_guard_callbacks

