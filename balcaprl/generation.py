@@ -64,6 +64,27 @@ def load_for_generation(path: str | Path, dtype: torch.dtype | None = None, devi
     return model, processor
 
 
+def caption_prompt_batch(
+    processor, images: Sequence[Any] | None, instruction: str = DEFAULT_INSTRUCTION, *, conversations=None
+):
+    """The processor's left-padded batch of captioning prompts, generation prompt included: one user turn per image
+    (``images``), or the given ``conversations``. How evaluation prompts, how stage 1 (`balcaprl.sft`) tokenizes the
+    prompts it supervises, and the same as TRL's GRPO prompts (BOS and special tokens included)."""
+    if conversations is None:
+        conversations = [
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]}]
+            for image in images
+        ]
+    return processor.apply_chat_template(
+        conversations,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True, "padding_side": "left"},
+    )
+
+
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -98,18 +119,7 @@ def generate_captions(
 
         iterator = tqdm(iterator, total=(len(images) + batch_size - 1) // batch_size, desc="captions", unit="batch")
     for batch in iterator:
-        conversations = [
-            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]}]
-            for image in batch
-        ]
-        inputs = processor.apply_chat_template(
-            conversations,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        ).to(model.device)
+        inputs = caption_prompt_batch(processor, batch, instruction).to(model.device)
         sampling = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling

@@ -92,16 +92,11 @@ class CaptionSFTCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from trl.data_utils import prepare_multimodal_messages
 
+        from balcaprl.generation import caption_prompt_batch
+
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         prompts = [prepare_multimodal_messages(example["prompt"], images=example["images"]) for example in examples]
-        prompt_batch = self.processor.apply_chat_template(
-            prompts,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            processor_kwargs={"padding": True, "padding_side": "left"},
-        )
+        prompt_batch = caption_prompt_batch(self.processor, None, conversations=prompts)
         prompt_mask = prompt_batch["attention_mask"].bool()
         # Per-token fields follow the tokens (Qwen2.5-VL's mm_token_type_ids give it its 3-D positions; Gemma-style
         # token_type_ids); completion and padding positions are text, 0. Image fields stay as the processor made them.

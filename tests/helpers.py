@@ -9,6 +9,7 @@ from peft import LoraConfig
 from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.data import DEFAULT_INSTRUCTION
+from balcaprl.generation import caption_prompt_batch
 from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
 from balcaprl.tiny import tiny_caption_rows
 from balcaprl.trainer import BalCapGRPOTrainer
@@ -116,18 +117,7 @@ REWARDS_FOR_DISTRIBUTED = [mentions_colour, linguistic]
 def greedy_caption_tokens(model, processor, images, max_new_tokens: int, instruction: str = DEFAULT_INSTRUCTION):
     """Greedy new tokens per image, prompted exactly as evaluation (`balcaprl.generation`) prompts, and the model's
     EOS ids: what a test needs to see whether captions end with EOS rather than at the length cap."""
-    conversations = [
-        [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": instruction}]}]
-        for image in images
-    ]
-    inputs = processor.apply_chat_template(
-        conversations,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"padding": True, "padding_side": "left"},
-    )
+    inputs = caption_prompt_batch(processor, images, instruction)
     with torch.no_grad():
         output = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
