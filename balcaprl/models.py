@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -209,6 +210,25 @@ def load_model(model_name_or_path: str, base_model: str | None = None, **kwargs)
     return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
+@contextmanager
+def _plain_loading():
+    """Load full, unpartitioned weights even inside a ZeRO-3 run (the LoRA stage 1 merges on its main process).
+
+    While a ZeRO-3 `TrainingArguments` is alive, transformers' ``from_pretrained`` partitions the weights with
+    collectives that every process must join (`transformers.integrations.deepspeed.is_deepspeed_zero3_enabled`); one
+    process loading alone would wait for the others forever. Detaching transformers' global ZeRO-3 config for the
+    duration of the load gives plain weights; it is restored afterwards.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def merge_adapter(
     adapter_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -224,7 +244,8 @@ def merge_adapter(
     base = adapter_base(str(adapter_dir), base_model)
     if base is None:
         raise ValueError(f"{adapter_dir} holds no adapter_config.json: it is not a LoRA adapter folder.")
-    model = load_model(str(adapter_dir), base_model, dtype=dtype)
+    with _plain_loading():
+        model = load_model(str(adapter_dir), base_model, dtype=dtype)
     model.save_pretrained(output_dir)
     processor_files = ("processor_config.json", "preprocessor_config.json")
     has_processor = any((adapter_dir / name).is_file() for name in processor_files)
