@@ -59,7 +59,7 @@ def test_lora_stage1_then_rl_then_resume(tmp_path, world_jsonl, accelerate_confi
     assert report["sft_lora_b_norm"] > 0
     assert report["sft_changed"], "the merged checkpoint equals the model stage 1 started from"
     for key in report["sft_changed"]:
-        assert "language_model" in key and key.rsplit(".", 2)[-2] in TARGETS, key
+        assert key.rsplit(".", 2)[-2] in TARGETS and "language_model" in key, key
     assert report["sft_compared"] > len(report["sft_changed"])
 
     # RL: the adapter trained (lora_B moved off zero), the base (the merged stage-1 checkpoint) is bit-identical, the

@@ -1,6 +1,7 @@
 """`balcaprl merge`: a LoRA adapter folder becomes a full checkpoint equal to base + merged adapter."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from transformers import AutoModelForImageTextToText
 from balcaprl.cli import main as balcaprl
 from balcaprl.generation import load_for_generation
 from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_model, load_processor, model_family
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def save_random_adapter(base: str, folder) -> torch.nn.Module:
@@ -63,3 +66,30 @@ def test_merge_of_an_adapter_whose_base_is_elsewhere(tiny_models, tmp_path, monk
     # the environment variable overrides it for every command (evaluate, generation, train, the demo)
     monkeypatch.setenv("BALCAPRL_ADAPTER_BASE", base)
     assert model_family(str(tmp_path / "adapter")) == "qwen2_5_vl"
+
+
+def test_rl_starts_from_an_adapter_folder(tiny_models, tmp_path):
+    # `balcaprl train` chained from a LoRA RL output (an adapter folder, no config.json): the adapter is merged into
+    # its base on load and a new adapter trains on top.
+    from balcaprl.train import main as train
+    from balcaprl.world import make_split, write_jsonl
+
+    base = str(tiny_models["qwen2_5_vl"])
+    save_random_adapter(base, tmp_path / "adapter")
+    load_processor(base).save_pretrained(tmp_path / "adapter")  # as an RL output folder holds its processor
+    write_jsonl(make_split("train", 4, seed=0), tmp_path / "data")
+    trainer = train(
+        ["--config", str(REPO / "recipes/demo/qwen2_5_vl_balcaprl.yaml"),
+         "--model_name_or_path", str(tmp_path / "adapter"),
+         "--dataset", str(tmp_path / "data" / "data.jsonl"), "--output_dir", str(tmp_path / "rl"), "--max_steps", "1",
+         "--per_device_train_batch_size", "4", "--max_completion_length", "4"]
+    )  # fmt: skip
+    merged = load_model(str(tmp_path / "adapter")).state_dict()
+    base_weights = {
+        key.removeprefix("base_model.model.").replace(".base_layer.", "."): value
+        for key, value in trainer.model.state_dict().items()
+        if "lora_" not in key
+    }
+    changed_by_adapter = [key for key, value in merged.items() if not torch.equal(value, base_weights[key])]
+    assert changed_by_adapter == [], "the RL policy's base is not the adapter folder merged into its base"
+    assert (tmp_path / "rl" / "adapter_config.json").is_file()
