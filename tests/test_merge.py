@@ -63,6 +63,20 @@ def test_merge_of_an_adapter_whose_base_is_elsewhere(tiny_models, tmp_path, monk
         balcaprl(["merge", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "out")])
     balcaprl(["merge", str(tmp_path / "adapter"), "--output-dir", str(tmp_path / "out"), "--base-model", base])
     assert (tmp_path / "out" / "config.json").is_file()
+    # `balcaprl evaluate --base-model` on the adapter folder writes its report
+    from balcaprl.evaluate import main as evaluate
+    from balcaprl.world import make_split, write_jsonl
+
+    monkeypatch.delenv("BALCAPRL_ADAPTER_BASE", raising=False)
+    data = write_jsonl(make_split("test", 2, seed=0), tmp_path / "data")
+    arguments = [
+        "--model", str(tmp_path / "adapter"), "--data", str(data), "--output-dir", str(tmp_path / "ev"),
+        "--exact-world-judges", "--no-classic", "--no-plots", "--max-new-tokens", "4", "--no-progress",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="BALCAPRL_ADAPTER_BASE"):
+        evaluate(arguments)
+    assert evaluate([*arguments, "--base-model", base]) == 0
+    assert list((tmp_path / "ev").glob("report*"))
     # the environment variable overrides it for every command (evaluate, generation, train, the demo)
     monkeypatch.setenv("BALCAPRL_ADAPTER_BASE", base)
     assert model_family(str(tmp_path / "adapter")) == "qwen2_5_vl"
