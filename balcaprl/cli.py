@@ -6,6 +6,7 @@
                                               will the recipe run? (hardware, packages, data, judge; no weights)
     balcaprl evaluate --model M --data SPEC --output-dir DIR [...]   caption a split (resumable), then score it
     balcaprl evaluate score|compare ...       score captions (JSONL, or COCO results + --annotations) / compare reports
+    balcaprl merge ADAPTER_DIR --output-dir DIR [--base-model B]   a LoRA adapter merged into its base, for serving
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
     balcaprl reproduce [--quick]              both papers' claims at small scale (runs/reproduce/results.md)
 
@@ -39,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="Score captions and write reports (see `balcaprl evaluate --help`).", add_help=False
     )
     evaluate.add_argument("arguments", nargs=argparse.REMAINDER)
+    merge = subparsers.add_parser(
+        "merge",
+        help="Merge a LoRA adapter folder into its base and save a full checkpoint (for vLLM serving or sharing).",
+        description="Merge a LoRA adapter folder (a LoRA `balcaprl train` output, or `<sft output>/adapter`) into "
+        "its base model and save the full checkpoint with its processor.",
+    )
+    merge.add_argument("adapter_dir", help="folder holding adapter_config.json and the adapter weights")
+    merge.add_argument("--output-dir", required=True, help="where the merged checkpoint is written")
+    merge.add_argument(
+        "--base-model",
+        help="the base checkpoint (folder or Hub name) when the one named in adapter_config.json is not on this "
+        "machine (same as the BALCAPRL_ADAPTER_BASE environment variable)",
+    )
+    merge.add_argument("--dtype", default="auto", help="dtype to merge and save in (default: the base's own)")
     for name, text in [("demo", "The CPU demo on the synthetic shapes world."), ("reproduce", "Both papers' claims.")]:
         subparsers.add_parser(name, help=f"{text} (see `balcaprl {name} --help`).", add_help=False)
     return parser
@@ -66,6 +81,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from balcaprl.judge_guard import JudgeUnavailableError
     from balcaprl.train import RecipeError
 
+    if args.command == "merge":
+        from balcaprl.models import merge_adapter
+
+        try:
+            output = merge_adapter(args.adapter_dir, args.output_dir, args.base_model, dtype=args.dtype)
+        except (ValueError, OSError) as error:
+            sys.exit(f"balcaprl merge: error: {error}")
+        print(f"Merged checkpoint written to {output}")
+        return
     try:
         if args.command == "train":
             from balcaprl.train import main as run

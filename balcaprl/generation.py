@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from balcaprl.data import DEFAULT_INSTRUCTION
-from balcaprl.models import adapter_base, load_processor, resolve_model_path
+from balcaprl.models import adapter_base, load_model, load_processor, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +44,11 @@ def load_for_generation(path: str | Path, dtype: torch.dtype | None = None, devi
     the processor is read from the folder itself when it holds one, else from the base. ``device`` (e.g. ``"cuda"``)
     moves the model there; None leaves it where ``from_pretrained`` put it (the CPU).
     """
-    from transformers import AutoModelForImageTextToText
-
     path = Path(resolve_model_path(str(path)))
     base = adapter_base(str(path))
-    if base is not None:
-        from peft import PeftModel
-
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-        has_processor = (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file()
-        processor = load_processor(str(path) if has_processor else base)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=dtype)
-        processor = load_processor(str(path))
+    model = load_model(str(path), dtype=dtype)
+    has_processor = (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file()
+    processor = load_processor(str(path) if has_processor or base is None else base)
     if device is not None:
         model.to(device)
     model.eval()

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -163,23 +164,93 @@ def _builder_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def adapter_base(model_name_or_path: str) -> str | None:
-    """The base checkpoint a LoRA adapter folder names (``adapter_config.json``), None for anything else.
+# Where an adapter's base checkpoint is when the path in its adapter_config.json is not on this machine.
+ADAPTER_BASE_ENV = "BALCAPRL_ADAPTER_BASE"
 
-    A base given as a local path that does not exist here (e.g. trained on another machine) is an error that says
-    which file names it.
+
+def adapter_base(model_name_or_path: str, base_model: str | None = None) -> str | None:
+    """The base checkpoint of a LoRA adapter folder, None for anything else (a full checkpoint, a Hub name).
+
+    The base is ``base_model`` when given, else the ``BALCAPRL_ADAPTER_BASE`` environment variable, else the
+    ``base_model_name_or_path`` of the folder's ``adapter_config.json``. A base given as a local path that does not
+    exist here (e.g. trained on another machine) is an error that says which file names it and how to override it.
     """
     adapter_config = Path(model_name_or_path) / "adapter_config.json"
     if not adapter_config.is_file():
         return None
+    override = base_model or os.environ.get(ADAPTER_BASE_ENV)
+    if override:
+        return resolve_model_path(override)
     base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
     looks_local = base and (os.path.isabs(base) or base.startswith(".") or base.count("/") > 1)
     if not base or (looks_local and not os.path.isdir(base)):
         raise ValueError(
-            f"{adapter_config} names the base model {base!r}, which is not a folder here. Edit its "
-            "base_model_name_or_path to where the base checkpoint is on this machine (or its Hub name)."
+            f"{adapter_config} names the base model {base!r}, which is not a folder here. Point "
+            f"{ADAPTER_BASE_ENV}=<base checkpoint or Hub name> at where the base is on this machine (`balcaprl merge` "
+            "takes --base-model), or edit base_model_name_or_path in that file."
         )
     return base
+
+
+def load_model(model_name_or_path: str, base_model: str | None = None, **kwargs):
+    """A captioning model from a full checkpoint, or from a LoRA adapter folder merged into its base.
+
+    ``kwargs`` go to ``AutoModelForImageTextToText.from_pretrained`` (dtype, attn_implementation, revision).
+    """
+    from transformers import AutoModelForImageTextToText
+
+    path = resolve_model_path(model_name_or_path)
+    base = adapter_base(path, base_model)
+    if base is None:
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    from peft import PeftModel
+
+    kwargs.pop("revision", None)  # a revision names the adapter's Hub version, not the base's
+    model = AutoModelForImageTextToText.from_pretrained(base, **kwargs)
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
+
+
+@contextmanager
+def _plain_loading():
+    """Load full, unpartitioned weights even inside a ZeRO-3 run (the LoRA stage 1 merges on its main process).
+
+    While a ZeRO-3 `TrainingArguments` is alive, transformers' ``from_pretrained`` partitions the weights with
+    collectives that every process must join (`transformers.integrations.deepspeed.is_deepspeed_zero3_enabled`); one
+    process loading alone would wait for the others forever. Detaching transformers' global ZeRO-3 config for the
+    duration of the load gives plain weights; it is restored afterwards.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def merge_adapter(
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    base_model: str | None = None,
+    dtype: torch.dtype | str | None = "auto",
+) -> Path:
+    """Write ``adapter_dir`` merged into its base as a full checkpoint (model + processor) in ``output_dir``.
+
+    The result loads like any checkpoint (`AutoModelForImageTextToText`, vLLM ``vllm serve``, the RL recipes).
+    The processor comes from the adapter folder when it holds one (the run's pixel bounds), else from the base.
+    """
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    base = adapter_base(str(adapter_dir), base_model)
+    if base is None:
+        raise ValueError(f"{adapter_dir} holds no adapter_config.json: it is not a LoRA adapter folder.")
+    with _plain_loading():
+        model = load_model(str(adapter_dir), base_model, dtype=dtype)
+    model.save_pretrained(output_dir)
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    has_processor = any((adapter_dir / name).is_file() for name in processor_files)
+    load_processor(str(adapter_dir) if has_processor else base).save_pretrained(output_dir)
+    return output_dir
 
 
 def model_family(model_name_or_path: str) -> str:
@@ -204,18 +275,23 @@ def part_of(parameter_name: str, family: str) -> str:
     return "language_model"
 
 
+def load_dtype(model_args) -> torch.dtype | str | None:
+    """The torch dtype a recipe's ``dtype`` key names (``"auto"`` and None pass through)."""
+    return model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+
+
 def load_policy(model_args, family: str | None = None):
     """Load the policy for captioning RL / SFT, with the vision tower and projector frozen as configured.
 
-    ``model_args`` is a `balcaprl.config.CaptionModelConfig`. dtype and attention implementation come from it.
+    ``model_args`` is a `balcaprl.config.CaptionModelConfig`. dtype and attention implementation come from it. A LoRA
+    adapter folder is loaded merged into its base (`load_model`).
     Freezing matters for full fine-tuning; with LoRA, PEFT freezes the base and `peft_config` decides what trains.
     """
-    from transformers import AutoModelForImageTextToText
-
     path = resolve_model_path(model_args.model_name_or_path)
     family = family or model_family(path)
-    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = AutoModelForImageTextToText.from_pretrained(
+    dtype = load_dtype(model_args)
+    # A LoRA adapter folder (e.g. a LoRA RL run's output) starts the run from its base with the adapter merged.
+    model = load_model(
         path,
         revision=model_args.model_revision,
         dtype=dtype,

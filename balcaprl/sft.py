@@ -3,8 +3,9 @@
 Cross-entropy fine-tuning on the reference captions with TRL's `SFTTrainer` (the GRPO-captioning paper's stage 1;
 a random policy does not learn caption rewards by RL alone). The loss covers the caption and its end-of-sequence
 token only (TRL's prompt-completion form, batched by `CaptionSFTCollator`: the prompt tokens are exactly those RL and
-evaluation feed). The checkpoint written to ``output_dir`` is a full model (LoRA adapters merged) with its
-processor, which the RL recipes start from. Stages: parse → seed / checkpoint detection → data → processor (images
+evaluation feed). The checkpoint written to ``output_dir`` is a full model (LoRA adapters merged, under DDP, ZeRO-2
+and ZeRO-3 alike; the adapter itself is kept in ``output_dir/adapter``) with its processor, which the RL recipes start
+from. Stages: parse → seed / checkpoint detection → data → processor (images
 resized once) and model → trainer → train → save.
 """
 
@@ -161,6 +162,8 @@ class CaptionSFTCollator:
 
 
 SFT_CONFIG_TYPES = (CaptionDataConfig, CaptionSFTConfig, CaptionModelConfig)
+# Where a LoRA stage 1 keeps its adapter, beside the merged checkpoint in output_dir.
+LORA_ADAPTER_SUBFOLDER = "adapter"
 
 
 def main(argv: Sequence[str] | None = None):
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None):
     from trl import SFTTrainer
 
     from balcaprl.data import resize_images, to_sft
-    from balcaprl.models import image_resize_for, load_policy, peft_config
+    from balcaprl.models import image_resize_for, load_dtype, load_policy, merge_adapter, peft_config
 
     # 2. seed, threads, logging, checkpoint detection
     checkpoint = prepare_run(training_args)
@@ -209,16 +212,18 @@ def main(argv: Sequence[str] | None = None):
     )
     print_parameter_breakdown(trainer, family)
 
-    # 6. train, then save a full checkpoint (LoRA adapters merged) for the RL stage
+    # 6. train, then save a full checkpoint for the RL stage. With LoRA the adapter is saved first (Trainer.save_model
+    #    gathers its weights under ZeRO-3 too), then the main process merges it into the base from disk: the same
+    #    merged checkpoint under DDP, ZeRO-2 and ZeRO-3, loadable by every command and by vLLM.
     trainer.train(resume_from_checkpoint=checkpoint)
-    if model_args.use_peft and not trainer.is_deepspeed_enabled:
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    if model_args.use_peft:
+        adapter_dir = os.path.join(training_args.output_dir, LORA_ADAPTER_SUBFOLDER)
+        trainer.save_model(adapter_dir)
         if trainer.accelerator.is_main_process:
-            merged.save_pretrained(training_args.output_dir)
+            processor.save_pretrained(adapter_dir)
+            merge_adapter(adapter_dir, training_args.output_dir, dtype=load_dtype(model_args))
     else:
-        # Full fine-tuning (ZeRO-3 gathers the weights here); with LoRA under DeepSpeed the adapter is saved and
-        # must be merged offline (`PeftModel.from_pretrained(base, out).merge_and_unload()`) before RL.
-        trainer.save_model(training_args.output_dir)
+        trainer.save_model(training_args.output_dir)  # ZeRO-3 gathers the weights here
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))

@@ -38,8 +38,17 @@ VLLM_RECIPES = [p for p in GPU_RECIPES if yaml.safe_load(p.read_text()).get("use
 REFERENCE_MODELS = REPO.parent / "shared" / "reference-models"
 
 
+def method_of(path: Path) -> str:
+    """The method of a recipe file: ``sft_lora.yaml`` -> ``sft`` (the LoRA recipes are `<method>_lora.yaml`)."""
+    return path.stem.removesuffix("_lora")
+
+
+def is_lora(path: Path) -> bool:
+    return path.stem.endswith("_lora")
+
+
 def is_sft(path: Path) -> bool:
-    return path.stem.endswith("sft")
+    return method_of(path).endswith("sft")
 
 
 def parse_recipe(path: Path):
@@ -54,8 +63,10 @@ def parse_recipe(path: Path):
 def test_every_model_has_every_method():
     for model in MODELS:
         for method in METHODS:
-            assert (REPO / "recipes" / model / f"{method}.yaml").is_file(), f"missing recipes/{model}/{method}.yaml"
-    assert len(RECIPES) == len(MODELS) * len(METHODS) + 4
+            for name in (f"{method}.yaml", f"{method}_lora.yaml"):
+                assert (REPO / "recipes" / model / name).is_file(), f"missing recipes/{model}/{name}"
+    # 12 full-parameter + 12 LoRA GPU recipes, 4 CPU demo recipes
+    assert len(RECIPES) == 2 * len(MODELS) * len(METHODS) + 4
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
@@ -80,7 +91,8 @@ def test_recipe_parses_and_resolves(path):
         assert recipe.get("judge_api_key_env") is None or recipe["judge_api_key_env"].isupper()
         # An RL recipe starts from a hub model or from the output of the same folder's stage-1 recipe.
         start = model_args.model_name_or_path
-        sibling_sft = [p for p in RECIPES if p.parent == path.parent and is_sft(p)]
+        # (a LoRA RL recipe starts from the merged output of the LoRA stage 1, a full one from the full stage 1's)
+        sibling_sft = [p for p in RECIPES if p.parent == path.parent and is_sft(p) and is_lora(p) == is_lora(path)]
         if not ("/" in start and not start.startswith("runs/")):
             outputs = [yaml.safe_load(p.read_text())["output_dir"] for p in sibling_sft]
             assert start in outputs, f"{start} is not produced by {sibling_sft}"
@@ -323,8 +335,33 @@ def test_vllm_max_model_length_fits_the_real_budget(path):
 @pytest.mark.parametrize("path", [p for p in RECIPES if p.parent.name in MODELS and not is_sft(p)], ids=str)
 def test_gpu_rl_recipes_choose_their_loss_normalisation_and_say_why(path):
     # TRL's default loss_type (dapo) is not the GRPO-captioning paper's per-caption normalisation: each recipe decides.
-    expected = {"grpo_cider": "grpo", "scst": "dr_grpo", "balcaprl": "dapo"}[path.stem]
+    expected = {"grpo_cider": "grpo", "scst": "dr_grpo", "balcaprl": "dapo"}[method_of(path)]
     line = next(line for line in path.read_text().splitlines() if line.startswith("loss_type:"))
     assert line.split("#")[0].split(":")[1].strip() == expected and "#" in line
     _, configs = parse_recipe(path)
     assert configs[2].loss_type == expected
+
+
+@pytest.mark.parametrize("path", [p for p in GPU_RECIPES if is_lora(p)], ids=recipe_id)
+def test_lora_recipes_are_their_full_recipe_with_lora(path):
+    # The LoRA recipe of a method trains what its full recipe trains, with LoRA on the language model, ~10x the
+    # learning rate and fewer GPUs (named in its header with the launch's --num_processes).
+    _, configs = parse_recipe(path)
+    training_args, model_args = configs[-2], configs[-1]
+    _, full_configs = parse_recipe(path.with_name(f"{method_of(path)}.yaml"))
+    full_training_args = full_configs[-2]
+    assert model_args.use_peft and model_args.lora_r > 0 and model_args.lora_alpha > 0
+    assert model_args.lora_preset in ("language_model", "language_model_attention")
+    assert model_args.freeze_vision_tower and model_args.freeze_projector
+    assert training_args.learning_rate == pytest.approx(10 * full_training_args.learning_rate)
+    if not is_sft(path):
+        assert model_args.lora_dropout == 0.0, "RL with LoRA dropout: the policy's log-probs differ at ratio 1"
+        assert training_args.loss_type == full_training_args.loss_type
+        assert training_args.advantage_estimator == full_training_args.advantage_estimator
+        assert training_args.num_generations == full_training_args.num_generations
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    assert re.search(r"Sized for \d+x \d+ GB GPUs", header), "the header says which GPUs it was sized for"
+    assert "zero3" in header.lower(), "the header says when ZeRO-3 is needed"
+    processes = int(re.search(r"--num_processes (\d+)", header).group(1))
+    assert processes == int(re.search(r"Sized for (\d+)x", header).group(1))
+    assert f"--config recipes/{path.parent.name}/{path.name}" in header

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,6 +139,11 @@ def build_parser(prog: str = "balcaprl evaluate") -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="caption a dataset split with a model (resumable), then score the captions")
     run.add_argument("--model", required=True, help="checkpoint or LoRA adapter folder, Hub name, or tiny:<family>")
+    run.add_argument(
+        "--base-model",
+        help="with a LoRA adapter folder as --model: its base checkpoint, when the one named in adapter_config.json "
+        "is not on this machine (same as the BALCAPRL_ADAPTER_BASE environment variable)",
+    )
     run.add_argument("--data", required=True, help="JSONL file, Karpathy JSON, or Hugging Face dataset (name/folder)")
     run.add_argument("--output-dir", required=True, help="captions.jsonl, generation.json and the report go here")
     data = run.add_argument_group("data (see balcaprl.data.load_caption_dataset)")
@@ -231,6 +237,10 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
         print(json.dumps(report["summary"], indent=2))
         return 0
 
+    if arguments.base_model:  # read wherever the adapter's base is resolved (family, processor, weights)
+        from balcaprl.models import ADAPTER_BASE_ENV
+
+        os.environ[ADAPTER_BASE_ENV] = arguments.base_model
     dtype = None
     if arguments.dtype != "auto":
         import torch
