@@ -237,10 +237,6 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
         print(json.dumps(report["summary"], indent=2))
         return 0
 
-    if arguments.base_model:  # read wherever the adapter's base is resolved (family, processor, weights)
-        from balcaprl.models import ADAPTER_BASE_ENV
-
-        os.environ[ADAPTER_BASE_ENV] = arguments.base_model
     dtype = None
     if arguments.dtype != "auto":
         import torch
@@ -250,6 +246,13 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
             parser.error(f"--dtype must be auto, float32, bfloat16 or float16, got {arguments.dtype!r}.")
     from balcaprl.generation import GenerationSettingsError
 
+    # --base-model is read wherever the adapter's base is resolved (family, processor, weights), through the
+    # environment variable of that override, set for this command only.
+    from balcaprl.models import ADAPTER_BASE_ENV
+
+    saved_base = os.environ.get(ADAPTER_BASE_ENV)
+    if arguments.base_model:
+        os.environ[ADAPTER_BASE_ENV] = arguments.base_model
     try:
         report = generate_and_evaluate(
             arguments.model,
@@ -261,6 +264,11 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
         )
     except GenerationSettingsError as error:  # the folder holds captions of other settings: say so in one line
         raise EvaluationDataError(str(error)) from error
+    finally:
+        if saved_base is None:
+            os.environ.pop(ADAPTER_BASE_ENV, None)
+        else:
+            os.environ[ADAPTER_BASE_ENV] = saved_base
     print(json.dumps(report["summary"], indent=2))
     print(Path(arguments.output_dir) / "report.md")
     return 0
