@@ -248,7 +248,9 @@ class BalCapGRPOTrainer(GRPOTrainer):
     Takes the arguments of `trl.GRPOTrainer`; ``args`` must be a `BalCapConfig`. Metrics added to TRL's, every
     step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group``, for SCST
     ``scst/baseline_reward``, and with judge rewards ``judge/requests``, ``judge/retries``, ``judge/failures``,
-    ``judge/cache_hits`` (summed over processes, SCST's greedy-caption scoring included).
+    ``judge/cache_hits``, ``judge/bytes_sent`` (summed over processes, SCST's greedy-caption scoring included).
+    Under c-GDPO, TRL's ``frac_reward_zero_std`` is replaced by the fraction of completions whose group has every
+    reward constant. The processor it is given pads prompts on the left, as TRL sets on a processor it loads.
 
     Reward functions are checked: one finite float or None per completion, else `RewardFunctionError` naming the
     reward and the step; an exception inside a reward is re-raised the same way.

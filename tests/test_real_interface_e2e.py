@@ -107,7 +107,8 @@ def test_sft_then_rl_with_vllm_then_evaluate(reference_models, judge_url, tmp_pa
             "length_mask_rewards": ["linguistic"],
             **judge,
         },
-        "grpo": {"reward_funcs": ["cider_d"], "length_mask_rewards": []},
+        # a user's own reward by dotted path beside a built-in (the LoRA user flow of the issues)
+        "grpo": {"reward_funcs": ["cider_d", "tests.helpers:mentions_colour"], "length_mask_rewards": []},
         "scst": {"reward_funcs": ["cider_d"], "length_mask_rewards": [], "loss_type": "dr_grpo"},
     }
     for estimator, keys in estimators.items():
@@ -142,10 +143,12 @@ def test_sft_then_rl_with_vllm_then_evaluate(reference_models, judge_url, tmp_pa
         if estimator == "scst":
             assert all("scst/baseline_reward" in log for log in steps)
 
-    # Evaluation of the last RL run (a LoRA adapter folder), greedy captions, classic metrics.
+    # Evaluation of the GRPO run's output (a LoRA adapter folder), greedy captions, classic metrics.
+    assert (tmp_path / "grpo" / "adapter_config.json").is_file()
+    assert any("rewards/mentions_colour/mean" in log for log in log_history(tmp_path / "grpo"))
     evaluation = tmp_path / "evaluation"
     run_cli(
-        "evaluate", "--model", tmp_path / "scst", "--data", data, "--output-dir", evaluation, "--no-balcap",
+        "evaluate", "--model", tmp_path / "grpo", "--data", data, "--output-dir", evaluation, "--no-balcap",
         "--max-new-tokens", 8, "--device", "cpu", "--no-plots",
     )  # fmt: skip
     captions = [json.loads(line) for line in (evaluation / "captions.jsonl").read_text().splitlines()]
