@@ -1,222 +1,480 @@
-"""Both papers' claims at small scale, on the shapes world: ``make reproduce`` (``balcaprl reproduce [--quick]``).
+"""When do the papers' claims hold at small scale? ``make reproduce`` (``balcaprl reproduce [--quick]``).
 
-One stage-1 checkpoint, then RL runs with equal budgets of sampled captions (same steps, prompts and G), several
-seeds each, evaluated by greedy captions on held-out scenes:
+One stage-1 checkpoint on the shapes world, then RL arms that vary what the papers say matters, each with several
+seeds, every run with a fixed number of steps (no wall-clock cap: the same command gives the same numbers on one
+machine), evaluated by greedy captions on held-out scenes with the world's exact scores:
 
-- **GRPO for captioning** (arXiv 2503.01333): SCST vs GRPO (G = 5), CIDEr-D reward → held-out CIDEr-D.
-- **BalCapRL** (arXiv 2605.07394): summed GRPO vs c-GDPO over the three exact world rewards → b-CapScore.
-- **length control** (BalCapRL ablation): none vs a linear ``length_penalty`` vs the length-conditional mask, with
-  c-GDPO → length-ratio distribution and b-CapScore.
+- **GRPO vs SCST** (arXiv 2503.01333), CIDEr-D reward, G = 5, equal sampled-caption budgets (same steps, prompts
+  and G; SCST decodes one greedy caption per prompt on top). A learning-rate sweep on validation scenes picks each
+  estimator's own learning rate; GRPO arms then isolate the KL term (β 0 vs 0.04) and TRL's ``loss_type``
+  (``grpo``: per-sequence, the paper's, vs ``dapo``). Stability and diversity are reported too: seed spread,
+  training-reward noise, distinct n-grams of the captions.
+- **c-GDPO vs summed GRPO** (arXiv 2605.07394) on the three exact world rewards, and on the same rewards reported
+  the way judges report them (linguistic as an integer 1–5 rating: another scale, coarse, low variance within a
+  group), with per-objective gains and ``advantages/distinct_per_group``.
+- **length control** (BalCapRL ablation): none vs a linear ``length_penalty`` vs the length-conditional mask.
 
-The table reports mean ± std over seeds, whichever way it comes out.
+Intervals are bootstrapped over held-out scenes and seeds, and a verdict line per claim is computed from them
+(`balcaprl.claims`). Results: ``results.md`` / ``results.json`` and plots in the output folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
+import platform
+import resource
+import shutil
 import statistics
+import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from balcaprl.demo import (
-    WINDOW_TEXT,
     WORLD_REWARDS,
     DemoSettings,
-    _log,
-    evaluate_model,
     prepare_world,
     rl_recipe,
     run_entry_point,
     sft_recipe,
-    wait_for,
     write_recipe,
 )
-from balcaprl.length import DEFAULT_WINDOW
+
+
+def _log(message: str) -> None:
+    print(f"[reproduce {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+LINGUISTIC_AS_JUDGED = {"name": "world_linguistic", "rating_scale": [1, 5]}
+CIDER = {"reward_funcs": ["cider_d"], "length_mask_rewards": [], "num_generations": 5}
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One RL configuration of an experiment."""
+    """One RL configuration: ``overrides`` over the demo's RL recipe; ``sweep`` names the learning-rate sweep whose
+    choice it uses (None: the demo's learning rate)."""
 
     name: str
     experiment: str
     label: str
-    overrides: tuple  # (key, value) pairs over the demo's RL recipe
+    overrides: tuple
+    sweep: str | None = None
 
 
-CIDER = {"reward_funcs": ["cider_d"], "length_mask_rewards": [], "num_generations": 5}
+def _items(**overrides: Any) -> tuple:
+    return tuple(overrides.items())
+
+
+SWEEPS = {  # name -> the configuration swept (CIDEr-D reward, validation scenes)
+    "scst": _items(**CIDER, advantage_estimator="scst", beta=0.0, loss_type="grpo"),
+    "grpo": _items(**CIDER, advantage_estimator="grpo", beta=0.04, loss_type="grpo"),
+}
 ARMS = [
-    Arm("scst_cider", "cider", "SCST (sample − greedy)", tuple({**CIDER, "advantage_estimator": "scst"}.items())),
+    Arm("scst", "cider", "SCST (sample − greedy), β 0", SWEEPS["scst"], "scst"),
+    Arm("grpo_paper", "cider", "GRPO, β 0.04, loss grpo (paper)", SWEEPS["grpo"], "grpo"),
+    Arm("grpo_beta0", "cider", "GRPO, β 0, loss grpo", _items(**{**dict(SWEEPS["grpo"]), "beta": 0.0}), "grpo"),
     Arm(
-        "grpo_cider",
+        "grpo_dapo",
         "cider",
-        "GRPO, G = 5, KL 0.04",
-        tuple({**CIDER, "advantage_estimator": "grpo", "beta": 0.04}.items()),
+        "GRPO, β 0.04, loss dapo",
+        _items(**{**dict(SWEEPS["grpo"]), "loss_type": "dapo"}),
+        "grpo",
     ),
-    Arm("grpo_sum", "balcap", "summed GRPO", (("advantage_estimator", "grpo"),)),
-    Arm("c_gdpo", "balcap", "c-GDPO", (("advantage_estimator", "c_gdpo"),)),
-    Arm("no_length_control", "length", "no length control", (("length_mask_rewards", []),)),
+    Arm("grpo_sum", "balcap", "summed GRPO, exact rewards", _items(advantage_estimator="grpo")),
+    Arm("c_gdpo", "balcap", "c-GDPO, exact rewards", _items(advantage_estimator="c_gdpo")),
+    Arm(
+        "grpo_sum_judged",
+        "balcap",
+        "summed GRPO, linguistic rated 1–5",
+        _items(advantage_estimator="grpo", reward_funcs=[*WORLD_REWARDS[:2], LINGUISTIC_AS_JUDGED]),
+    ),
+    Arm(
+        "c_gdpo_judged",
+        "balcap",
+        "c-GDPO, linguistic rated 1–5",
+        _items(advantage_estimator="c_gdpo", reward_funcs=[*WORLD_REWARDS[:2], LINGUISTIC_AS_JUDGED]),
+    ),
+    Arm("no_length_control", "length", "no length control", _items(length_mask_rewards=[])),
     Arm(
         "length_penalty",
         "length",
         "linear length penalty",
-        (("reward_funcs", [*WORLD_REWARDS, "length_penalty"]), ("length_mask_rewards", [])),
+        _items(reward_funcs=[*WORLD_REWARDS, "length_penalty"], length_mask_rewards=[]),
     ),
-    # Same configuration as the c-GDPO arm (the demo's defaults): its runs are reused, not repeated.
+    # The same configuration as the c-GDPO arm (the demo's defaults): its runs are reused, not repeated.
     Arm("length_mask", "length", "length-conditional mask", ()),
 ]
+REUSED = {"length_mask": "c_gdpo"}
+ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
 EXPERIMENTS = {
-    "cider": ("GRPO vs SCST, CIDEr-D reward (arXiv 2503.01333)", "cider_d"),
-    "balcap": ("c-GDPO vs summed GRPO, world precision / recall / linguistic (arXiv 2605.07394)", "b_capscore"),
-    "length": ("length control with c-GDPO (BalCapRL ablation)", "b_capscore"),
+    "cider": "GRPO vs SCST, CIDEr-D reward (arXiv 2503.01333)",
+    "balcap": "c-GDPO vs summed GRPO, world precision / recall / linguistic (arXiv 2605.07394)",
+    "length": "length control with c-GDPO (BalCapRL ablation)",
 }
-METRICS = ["precision", "recall", "linguistic", "b_capscore", "cider_d", "length_ratio", "masked_fraction"]
+TABLE_METRICS = ["cider_d", "b_capscore", "precision", "recall", "linguistic", "length_ratio", "masked_fraction"]
+EVALUATION_FILE = "evaluation.json"
+SUMMARY_FILE = "run_summary.json"
+SCENE_COLUMNS = ["precision", "recall", "linguistic", "cider_d", "length_ratio", "outside_window"]
 
 
 @dataclass
 class ReproduceSettings:
+    """Budgets of ``make reproduce``; the defaults fit in about 45 minutes on 2 CPU cores."""
+
     base: DemoSettings
-    seeds: tuple[int, ...] = (0, 1, 2)
-    parallel: int = 2
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    sweep_learning_rates: tuple[float, ...] = (2e-5, 5e-5, 1e-4)
+    sweep_seeds: tuple[int, ...] = (100, 101)
+    sweep_steps: int = 60  # a short sweep: half the arms' steps
+    validation_scenes: int = 100
+    parallel: int = field(default_factory=lambda: os.cpu_count() or 1)  # one single-threaded run per core
+    bootstrap_draws: int = 4000
+    arms: tuple[str, ...] = field(default_factory=lambda: tuple(arm.name for arm in ARMS))
 
 
 def full_settings(output_dir: str) -> ReproduceSettings:
-    return ReproduceSettings(DemoSettings(output_dir=output_dir, rl_max_seconds=600.0, sft_max_seconds=600.0))
+    # Step budgets only: a wall-clock cap makes the result depend on how busy the machine is.
+    return ReproduceSettings(DemoSettings(output_dir=output_dir, rl_max_seconds=None, sft_max_seconds=None))
 
 
 def quick_settings(output_dir: str) -> ReproduceSettings:
     base = DemoSettings(
-        output_dir=output_dir, train_scenes=128, test_scenes=24, sft_steps=30, sft_batch_size=16, rl_steps=6,
-        max_completion_length=24, eval_batch_size=24, rl_max_seconds=120.0, sft_max_seconds=120.0,
-    )  # fmt: skip
-    return ReproduceSettings(base, seeds=(0, 1))
-
-
-def run_arms(settings: ReproduceSettings, train: Path, sft_dir: Path, root: Path) -> dict[tuple[str, int], Path]:
-    """All (arm, seed) RL runs, ``parallel`` at a time; the mask arm reuses the c-GDPO runs (same configuration)."""
-    jobs = [(arm, seed) for arm in ARMS if arm.name != "length_mask" for seed in settings.seeds]
-    run_dirs: dict[tuple[str, int], Path] = {}
-    for start in range(0, len(jobs), settings.parallel):
-        processes, logs = {}, {}
-        for arm, seed in jobs[start : start + settings.parallel]:
-            run_dir = root / "runs" / f"{arm.name}_seed{seed}"
-            recipe = {**rl_recipe(settings.base, train, sft_dir, run_dir, seed), **dict(arm.overrides)}
-            recipe["per_device_train_batch_size"] = recipe["num_generations"] * settings.base.rl_prompts_per_step
-            path = write_recipe(root / "recipes" / f"{arm.name}_seed{seed}.yaml", recipe, f"reproduce: {arm.label}")
-            key = f"{arm.name} seed {seed}"
-            logs[key] = root / "runs" / f"{arm.name}_seed{seed}.log"
-            logs[key].parent.mkdir(parents=True, exist_ok=True)
-            processes[key] = run_entry_point("train", path, logs[key])
-            run_dirs[(arm.name, seed)] = run_dir
-        _log(f"runs {start + 1}-{start + len(processes)} of {len(jobs)}: {', '.join(processes)}")
-        wait_for(processes, logs, settings.base.rl_steps)
-    for seed in settings.seeds:
-        run_dirs[("length_mask", seed)] = run_dirs[("c_gdpo", seed)]
-    return run_dirs
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
-
-
-def write_results(root: Path, settings: ReproduceSettings, sft: dict, results: dict, seconds: float) -> Path:
-    """``results.md`` (tables per experiment) and ``results.json``; plots beside them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = [
-        "# balcaprl reproduce: both papers' claims on the shapes world",
-        "",
-        f"Stage 1 shared by every arm; RL arms with equal budgets ({settings.base.rl_steps} steps × "
-        f"{settings.base.rl_prompts_per_step} prompts; G = 5 for the CIDEr-D arms, 8 for the others); seeds "
-        f"{list(settings.seeds)}; {settings.base.test_scenes} held-out scenes, greedy captions. "
-        f"{os.cpu_count()} CPU cores, {seconds / 60:.1f} min in all. Mean ± std over seeds.",
-        "",
-    ]
-    header = "| arm | " + " | ".join(METRICS) + " |"
-    for experiment, (title, key_metric) in EXPERIMENTS.items():
-        lines += [f"## {title}", "", f"Key metric: `{key_metric}`.", "", header, "|---" * (len(METRICS) + 1) + "|"]
-        lines.append("| stage 1 (SFT) | " + " | ".join(f"{sft[m]:.3f}" for m in METRICS) + " |")
-        for arm in (arm for arm in ARMS if arm.experiment == experiment):
-            runs = [results[(arm.name, seed)] for seed in settings.seeds]
-            lines.append(f"| {arm.label} | " + " | ".join(_mean_std([run[m] for run in runs]) for m in METRICS) + " |")
-        lines.append("")
-    # length-ratio distribution of the length-control arms
-    figure, axis = plt.subplots(figsize=(6, 3.2))
-    for arm in (arm for arm in ARMS if arm.experiment == "length"):
-        ratios = [ratio for seed in settings.seeds for ratio in results[(arm.name, seed)]["ratios"]]
-        axis.hist(ratios, bins=30, range=(0, 3), histtype="step", linewidth=1.5, label=arm.label)
-    axis.axvspan(*DEFAULT_WINDOW, color="green", alpha=0.08, label=f"window {WINDOW_TEXT}")
-    axis.set_xlabel("caption length / reference length")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(root / "length_ratios.png", dpi=110)
-    plt.close(figure)
-    lines += ["![length ratios](length_ratios.png)", ""]
-    path = root / "results.md"
-    path.write_text("\n".join(lines))
-    serialisable = {f"{arm}/seed{seed}": {k: v for k, v in run.items() if k not in ("captions", "ratios")}
-                    for (arm, seed), run in results.items()}  # fmt: skip
-    (root / "results.json").write_text(
-        json.dumps({"settings": asdict(settings), "sft": sft, "runs": serialisable, "seconds": seconds}, indent=2)
+        output_dir=output_dir,
+        train_scenes=128,
+        test_scenes=24,
+        sft_steps=30,
+        sft_batch_size=16,
+        rl_steps=4,
+        max_completion_length=24,
+        eval_batch_size=24,
+        rl_max_seconds=None,
+        sft_max_seconds=None,
     )
-    return path
+    return ReproduceSettings(
+        base,
+        seeds=(0, 1),
+        sweep_learning_rates=(5e-5, 1e-4),
+        sweep_seeds=(100,),
+        sweep_steps=4,
+        validation_scenes=16,
+        bootstrap_draws=500,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+def _worker_init() -> None:
+    """An evaluation worker computes on one thread, like the training runs, and keeps its log quiet."""
+    import torch
+    from transformers.utils import logging
+
+    torch.set_num_threads(1)
+    logging.disable_progress_bar()
+
+
+def evaluate_run(model_dir: str, rows_file: str, corpus_file: str, batch_size: int, output: str) -> dict:
+    """Greedy captions of ``model_dir`` on the rows of ``rows_file`` and their per-scene scores -> ``output``."""
+    from balcaprl.generation import generate_captions, load_for_generation
+    from balcaprl.length import length_conditional_mask, length_ratios
+    from balcaprl.rewards import CiderD
+    from balcaprl.rewards.world import score_caption
+    from balcaprl.world import read_jsonl
+
+    rows = read_jsonl(rows_file)
+    model, processor = load_for_generation(model_dir)
+    captions = generate_captions(model, processor, [row["image"] for row in rows], batch_size=batch_size)
+    references = [row["references"] for row in rows]
+    scores = [score_caption(caption, row["scene"]) for caption, row in zip(captions, rows)]
+    ratios = length_ratios(captions, references)
+    corpus = json.loads(Path(corpus_file).read_text())
+    result = {
+        "captions": captions,
+        "precision": [score["precision"] for score in scores],
+        "recall": [score["recall"] for score in scores],
+        "linguistic": [score["linguistic"] for score in scores],
+        "cider_d": [float(value) for value in CiderD(corpus).score(captions, references)],
+        "length_ratio": ratios.tolist(),
+        "outside_window": (~length_conditional_mask(ratios)).double().tolist(),
+    }
+    Path(output).write_text(json.dumps(result))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class Job:
+    key: str  # "<arm>_seed<k>" or "sweep_<name>_lr<lr>_seed<k>"
+    recipe: dict[str, Any]
+    rows_file: Path  # the scenes it is evaluated on (validation for the sweep, test otherwise)
+
+
+class Runner:
+    """Runs jobs ``parallel`` at a time: a training subprocess (``balcaprl train``), then its evaluation in a
+    long-lived worker process (imports paid once). At most ``parallel`` processes compute at any time."""
+
+    def __init__(self, settings: ReproduceSettings, root: Path, corpus_file: Path, total: int):
+        from tqdm.auto import tqdm
+
+        self.settings, self.root, self.corpus_file = settings, root, corpus_file
+        self.threads = concurrent.futures.ThreadPoolExecutor(settings.parallel)
+        self.workers = concurrent.futures.ProcessPoolExecutor(
+            settings.parallel, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
+        )
+        self.bar = tqdm(total=total, desc="RL runs", unit="run")
+        self.lock = threading.Lock()
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        return self.threads.submit(self._run, job)
+
+    def _run(self, job: Job) -> dict:
+        run_dir = Path(job.recipe["output_dir"])
+        recipe = write_recipe(self.root / "recipes" / f"{job.key}.yaml", job.recipe, f"reproduce: {job.key}")
+        log = self.root / "logs" / f"{job.key}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        if run_entry_point("train", recipe, log).wait() != 0:
+            raise RuntimeError(f"RL run {job.key} failed; its log, {log}, ends with:\n{log.read_text()[-3000:]}")
+        steps = json.loads((run_dir / "trainer_state.json").read_text())["global_step"]
+        if steps != job.recipe["max_steps"]:
+            raise RuntimeError(f"RL run {job.key} stopped at step {steps} of {job.recipe['max_steps']}; see {log}.")
+        self.workers.submit(
+            evaluate_run,
+            str(run_dir),
+            str(job.rows_file),
+            str(self.corpus_file),
+            self.settings.base.eval_batch_size,
+            str(run_dir / EVALUATION_FILE),
+        ).result()
+        with self.lock:
+            self.bar.update(1)
+            self.bar.set_postfix_str(job.key)
+
+    def close(self, failed: bool) -> None:
+        """Wait for the running jobs; after a failure, drop the queued ones (the error then shows in minutes)."""
+        self.threads.shutdown(cancel_futures=failed)
+        self.workers.shutdown(cancel_futures=failed)
+        self.bar.close()
+
+
+def arm_recipe(
+    settings: ReproduceSettings,
+    arm_overrides: tuple,
+    train: Path,
+    sft_dir: Path,
+    run_dir: Path,
+    seed: int,
+    learning_rate: float | None,
+) -> dict[str, Any]:
+    recipe = {**rl_recipe(settings.base, train, sft_dir, run_dir, seed), **dict(arm_overrides)}
+    recipe["per_device_train_batch_size"] = recipe["num_generations"] * settings.base.rl_prompts_per_step
+    recipe["logging_steps"] = 1  # per-step curves: training-reward noise and smoothed curves need every step
+    recipe.pop("max_train_seconds", None)
+    if learning_rate is not None:
+        recipe["learning_rate"] = learning_rate
+    return recipe
+
+
+def sweep_dir(root: Path, name: str, lr: float, seed: int) -> Path:
+    return root / "sweep" / f"{name}_lr{lr:g}_seed{seed}"
+
+
+def arm_dir(root: Path, arm: str, seed: int) -> Path:
+    return root / "runs" / f"{REUSED.get(arm, arm)}_seed{seed}"
+
+
+def load_run(run_dir: Path) -> dict[str, Any]:
+    """A finished run as the report reads it: its evaluation and its logged training history."""
+    return {
+        "evaluation": json.loads((run_dir / EVALUATION_FILE).read_text()),
+        "log_history": json.loads((run_dir / "trainer_state.json").read_text())["log_history"],
+    }
+
+
+def sweep_result(settings: ReproduceSettings, root: Path, name: str) -> dict[str, Any]:
+    """Mean validation CIDEr-D per learning rate (over the sweep seeds) and the chosen (best) learning rate."""
+    scores = {
+        lr: statistics.fmean(
+            statistics.fmean(load_run(sweep_dir(root, name, lr, seed))["evaluation"]["cider_d"])
+            for seed in settings.sweep_seeds
+        )
+        for lr in settings.sweep_learning_rates
+    }
+    return {"validation_cider_d": scores, "chosen": max(scores, key=scores.get)}
+
+
+def collect(settings: ReproduceSettings, root: Path) -> tuple[dict, dict]:
+    """({(arm, seed): run}, {sweep: result}) from the run folders (also what ``--report-only`` reads)."""
+    runs = {(arm, seed): load_run(arm_dir(root, arm, seed)) for arm in settings.arms for seed in settings.seeds}
+    needed = sorted({ARMS_BY_NAME[arm].sweep for arm in settings.arms if ARMS_BY_NAME[arm].sweep})
+    return runs, {name: sweep_result(settings, root, name) for name in needed}
+
+
+def run_all(
+    settings: ReproduceSettings,
+    root: Path,
+    train: Path,
+    validation: Path,
+    test: Path,
+    sft_dir: Path,
+    corpus_file: Path,
+) -> None:
+    """The learning-rate sweeps first (with the arms that need none), then the swept arms at their chosen rate."""
+    arms = [ARMS_BY_NAME[name] for name in settings.arms if name not in REUSED]
+    sweeps_needed = sorted({arm.sweep for arm in arms if arm.sweep})
+
+    def sweep_job(name: str, lr: float, seed: int) -> Job:
+        run_dir = sweep_dir(root, name, lr, seed)
+        recipe = arm_recipe(settings, SWEEPS[name], train, sft_dir, run_dir, seed, lr)
+        return Job(f"sweep_{run_dir.name}", {**recipe, "max_steps": settings.sweep_steps}, validation)
+
+    def arm_job(arm: Arm, seed: int, lr: float | None) -> Job:
+        recipe = arm_recipe(settings, arm.overrides, train, sft_dir, arm_dir(root, arm.name, seed), seed, lr)
+        return Job(f"{arm.name}_seed{seed}", recipe, test)
+
+    sweep_jobs = [
+        sweep_job(name, lr, seed)
+        for name in sweeps_needed
+        for lr in settings.sweep_learning_rates
+        for seed in settings.sweep_seeds
+    ]
+    runner = Runner(settings, root, corpus_file, len(sweep_jobs) + len(arms) * len(settings.seeds))
+    failed = True
+    try:
+        futures = [runner.submit(job) for job in sweep_jobs]
+        futures += [
+            runner.submit(arm_job(arm, seed, None)) for arm in arms if not arm.sweep for seed in settings.seeds
+        ]
+        for future in futures[: len(sweep_jobs)]:
+            future.result()
+        chosen = {}
+        for name in sweeps_needed:
+            result = sweep_result(settings, root, name)
+            chosen[name] = result["chosen"]
+            scores = ", ".join(f"{lr:g}: {score:.3f}" for lr, score in result["validation_cider_d"].items())
+            _log(f"sweep {name}: validation CIDEr-D {{{scores}}}; chosen learning rate {chosen[name]:g}")
+        futures += [
+            runner.submit(arm_job(arm, seed, chosen[arm.sweep]))
+            for arm in arms
+            if arm.sweep
+            for seed in settings.seeds
+        ]
+        for future in futures:
+            future.result()
+        failed = False
+    finally:
+        runner.close(failed)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
 
 
 def run_reproduce(settings: ReproduceSettings) -> Path:
     from balcaprl.data import corpus_references, load_caption_dataset
-    from balcaprl.length import length_ratios
-    from balcaprl.world import read_jsonl
+    from balcaprl.world import make_split, write_jsonl
 
+    unknown = sorted(set(settings.arms) - set(ARMS_BY_NAME))
+    if unknown:
+        raise ValueError(f"Unknown arms {unknown}; the arms are {list(ARMS_BY_NAME)}.")
+    missing = sorted({REUSED[name] for name in settings.arms if name in REUSED} - set(settings.arms))
+    if missing:
+        raise ValueError(f"Arms {sorted(set(settings.arms) & set(REUSED))} reuse the runs of {missing}: add them.")
     root = Path(settings.base.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    for stale in ("runs", "sweep", "logs", "recipes", SUMMARY_FILE):  # a rerun must not mix old runs into the tables
+        shutil.rmtree(root / stale, ignore_errors=True) if (root / stale).is_dir() else (root / stale).unlink(True)
+    (root / "logs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     _log("world data, tiny model, stage 1")
     train, test, base_model = prepare_world(settings.base, root)
+    validation = write_jsonl(
+        make_split("validation", settings.validation_scenes, seed=settings.base.seed), root / "data" / "validation"
+    )
+    corpus_file = root / "data" / "corpus_references.json"
+    corpus_file.write_text(json.dumps(corpus_references(load_caption_dataset(train))))
     sft_dir = root / "sft"
-    recipe = write_recipe(root / "recipes" / "sft.yaml", sft_recipe(settings.base, train, base_model, sft_dir), "sft")
-    if run_entry_point("sft", recipe).wait() != 0:
-        raise RuntimeError(f"Stage 1 failed; run `python -m balcaprl.sft --config {recipe}` to see why.")
-    run_dirs = run_arms(settings, train, sft_dir, root)
-
-    _log("evaluation on the held-out scenes")
-    test_rows = read_jsonl(test)
-    corpus = corpus_references(load_caption_dataset(train))
-    references = [row["references"] for row in test_rows]
-
-    def evaluate(path: Path) -> dict:
-        result = evaluate_model(path, test_rows, corpus, settings.base.eval_batch_size)
-        result["ratios"] = length_ratios(result["captions"], references).tolist()
-        return result
-
-    sft = {k: v for k, v in evaluate(sft_dir).items() if k not in ("captions", "ratios")}
-    evaluated: dict[Path, dict] = {}
-    results = {}
-    for key, path in run_dirs.items():
-        if path not in evaluated:
-            evaluated[path] = evaluate(path)
-        results[key] = evaluated[path]
-    path = write_results(root, settings, sft, results, time.monotonic() - started)
-    _log(f"done in {(time.monotonic() - started) / 60:.1f} min: {path}")
+    recipe = sft_recipe(settings.base, train, base_model, sft_dir)
+    recipe.pop("max_train_seconds", None)
+    recipe_path = write_recipe(root / "recipes" / "sft.yaml", recipe, "reproduce: stage 1")
+    if run_entry_point("sft", recipe_path, root / "logs" / "sft.log").wait() != 0:
+        raise RuntimeError(f"Stage 1 failed; see {root / 'logs' / 'sft.log'}.")
+    stage1_seconds = time.monotonic() - started
+    evaluate_run(
+        str(sft_dir), str(test), str(corpus_file), settings.base.eval_batch_size, str(sft_dir / EVALUATION_FILE)
+    )
+    _log(f"stage 1 done in {stage1_seconds / 60:.1f} min; RL arms: {', '.join(settings.arms)}")
+    run_all(settings, root, train, validation, test, sft_dir, corpus_file)
+    seconds = time.monotonic() - started
+    # CPU time of this process and its finished children: what the run costs whatever else the machine is doing
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    summary = {
+        "settings": asdict(settings),
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    path = report(root)
+    _log(f"done in {seconds / 60:.1f} min: {path}")
     return path
+
+
+def settings_from_dict(document: dict[str, Any]) -> ReproduceSettings:
+    tuples = {key: tuple(value) for key, value in document.items() if isinstance(value, list)}
+    base = DemoSettings(**{k: tuple(v) if k == "rl_seeds" else v for k, v in document["base"].items()})
+    return ReproduceSettings(**{**document, **tuples, "base": base})
+
+
+def report(root: Path) -> Path:
+    """``results.md``, ``results.json`` and the plots from a finished run's folder (its own settings)."""
+    from balcaprl.reproduce_report import write_results
+
+    summary_file = root / SUMMARY_FILE
+    if not summary_file.is_file():
+        raise FileNotFoundError(f"{summary_file} is missing: {root} holds no finished `balcaprl reproduce` run.")
+    summary = json.loads(summary_file.read_text())
+    settings = settings_from_dict(summary["settings"])
+    runs, sweeps = collect(settings, root)
+    sft = json.loads((root / "sft" / EVALUATION_FILE).read_text())
+    return write_results(root, settings, sft, runs, sweeps, summary)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="balcaprl reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="runs/reproduce")
-    parser.add_argument("--quick", action="store_true", help="a small budget (a few minutes), as CI runs it")
-    parser.add_argument("--seeds", type=int, nargs="+", help="RL seeds (default: 0 1 2, or 0 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="a tiny budget (a few minutes), as CI runs it")
+    parser.add_argument("--seeds", type=int, nargs="+", help="RL seeds (default: 0 1 2 3 4, or 0 1 with --quick)")
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS_BY_NAME), help="a subset of the arms (default: all)")
+    parser.add_argument("--parallel", type=int, help="runs at a time (default: one per CPU core)")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite the tables and plots of the run in --output-dir"
+    )
+    parser.add_argument(
+        "--update-readme", metavar="README", help="also paste the results into README's reproduce:start/end block"
+    )
     args = parser.parse_args(argv)
-    settings = (quick_settings if args.quick else full_settings)(args.output_dir)
-    if args.seeds:
-        settings = replace(settings, seeds=tuple(args.seeds))
-    run_reproduce(settings)
+    if args.report_only:
+        print(report(Path(args.output_dir)))
+    else:
+        settings = (quick_settings if args.quick else full_settings)(args.output_dir)
+        if args.seeds:
+            settings = replace(settings, seeds=tuple(args.seeds))
+        if args.arms:
+            settings = replace(settings, arms=tuple(args.arms))
+        if args.parallel:
+            settings = replace(settings, parallel=args.parallel)
+        run_reproduce(settings)
+    if args.update_readme:
+        from balcaprl.reproduce_report import update_readme
+
+        update_readme(Path(args.update_readme), (Path(args.output_dir) / "readme_section.md").read_text())
 
 
 if __name__ == "__main__":

@@ -99,10 +99,10 @@ def _build_world_recall(context, clients, scene_column: str = "scene", weights: 
     return WorldRecall(scene_column, weights)
 
 
-def _build_world_linguistic(context, clients):
+def _build_world_linguistic(context, clients, rating_scale: list[int] | None = None):
     from balcaprl.rewards.world import WorldLinguistic
 
-    return WorldLinguistic()
+    return WorldLinguistic(rating_scale)
 
 
 REWARD_BUILDERS: dict[str, Callable[..., Callable]] = {

@@ -18,7 +18,7 @@ unparseable clauses U; the row's ``scene`` column (a `Scene.to_dict` graph) give
   verbatim); W (well-formed sentences) = share of sentences made of lower-case words separated by single spaces
   (a comma may follow a word), closed by one period, and whose first letter has the same case as the caption's
   first letter (capitalised sentences, or the consistent all-lower-case style of terse captions). An empty
-  caption scores 0.
+  caption scores 0. ``rating_scale=(1, 5)`` reports it as a judge's integer rating instead (`rate_on_scale`).
 
 None of the three ever returns ``None``: every caption is scorable. Sub-scores go to TRL's completions table
 through the ``log_extra`` hook (``world_precision/claims``, ``world_precision/true``, ``world_precision/unparseable``,
@@ -28,8 +28,9 @@ through the ``log_extra`` hook (``world_precision/claims``, ``world_precision/tr
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from balcaprl.completions import completion_text
@@ -41,6 +42,7 @@ __all__ = [
     "WorldRecall",
     "linguistic_scores",
     "precision_score",
+    "rate_on_scale",
     "recall_score",
     "score_caption",
 ]
@@ -210,22 +212,46 @@ class WorldRecall(_WorldReward):
         return f"{self.name}(scene_column={self.scene_column!r}, weights={self.weights})"
 
 
+def rate_on_scale(value: float, scale: tuple[int, int]) -> float:
+    """``value`` ∈ [0, 1] as an integer rating on ``scale`` = (low, high): low + round((high − low) · value).
+
+    This is how an LLM judge reports linguistic quality (a Likert rating, e.g. 1–5): coarser and on another scale
+    than a continuous precision. Halves round away from zero (``round`` would round half to even).
+    """
+    low, high = scale
+    return float(low + math.floor((high - low) * value + 0.5))
+
+
 class WorldLinguistic(_WorldReward):
-    """L = grammaticality · (1 − repetition) · well-formedness, from the caption alone (no scene needed)."""
+    """L = grammaticality · (1 − repetition) · well-formedness, from the caption alone (no scene needed).
+
+    ``rating_scale=(low, high)`` reports L the way a judge would, as an integer rating on that scale
+    (`rate_on_scale`; e.g. ``(1, 5)``), to study advantage estimators on rewards of different scale and resolution
+    (`balcaprl.reproduce`); the default is the continuous L.
+    """
 
     name = "world_linguistic"
 
-    def __init__(self):
+    def __init__(self, rating_scale: Sequence[int] | None = None):
         super().__init__(scene_column="")
+        if rating_scale is not None:
+            if len(rating_scale) != 2 or not all(float(v).is_integer() for v in rating_scale):
+                raise ValueError(f"rating_scale must be two integers (low, high), got {rating_scale!r}.")
+            if rating_scale[0] >= rating_scale[1]:
+                raise ValueError(f"rating_scale must have low < high, got {rating_scale!r}.")
+            rating_scale = (int(rating_scale[0]), int(rating_scale[1]))
+        self.rating_scale = rating_scale
 
     def __repr__(self) -> str:
-        return f"{self.name}()"
+        return f"{self.name}(rating_scale={self.rating_scale})" if self.rating_scale else f"{self.name}()"
 
     def __call__(self, prompts, completions, log_extra=None, **kwargs) -> list[float]:
         scores = [linguistic_scores(parse_caption(completion_text(c))) for c in completions]
         if log_extra is not None:
             for part in ("grammatical", "repetition", "form"):
                 log_extra(f"{self.name}/{part}", [score[part] for score in scores])
+        if self.rating_scale is not None:
+            return [rate_on_scale(score["linguistic"], self.rating_scale) for score in scores]
         return [score["linguistic"] for score in scores]
 
 

@@ -367,6 +367,21 @@ class TestTrlInterface:
         assert logged["world_recall/covered"] == [9.0, 0.0] and logged["world_recall/facts"] == [9.0, 9.0]
         assert set(logged) >= {"world_linguistic/grammatical", "world_linguistic/repetition", "world_linguistic/form"}
 
+    def test_linguistic_as_a_judge_rating(self):
+        from balcaprl.rewards import get_reward_funcs
+        from balcaprl.rewards.world import rate_on_scale
+
+        # low + round-half-up((high - low) * L), by hand
+        assert [rate_on_scale(v, (1, 5)) for v in (0.0, 0.1, 0.125, 0.5, 0.874, 0.875, 1.0)] == [1, 1, 2, 3, 4, 5, 5]
+        captions = [PERFECT, "the the red red circle.", "a red circle and a red circle and a red circle.", ""]
+        exact = WorldLinguistic()(None, captions)
+        (rated,) = get_reward_funcs([{"name": "world_linguistic", "rating_scale": [1, 5]}])
+        assert rated(None, captions) == [rate_on_scale(value, (1, 5)) for value in exact] == [5.0, 3.0, 3.0, 1.0]
+        assert rated.__name__ == "world_linguistic" and "rating_scale=(1, 5)" in repr(rated)
+        for bad in ([5, 1], [1], [1.5, 5]):
+            with pytest.raises(ValueError, match="rating_scale"):
+                WorldLinguistic(rating_scale=bad)
+
     def test_missing_scene_column_names_it(self):
         with pytest.raises(ValueError, match="'scene'.*columns passed are \\['references'\\]"):
             WorldPrecision()(None, ["a red circle."], references=[["x"]])

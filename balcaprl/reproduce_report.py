@@ -1,0 +1,573 @@
+"""Tables, computed verdicts and plots of `balcaprl.reproduce`: ``results.md``, ``results.json`` and the figures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from balcaprl.claims import Interval, bootstrap_difference, bootstrap_value, seed_bootstrap, verdict
+from balcaprl.demo import WINDOW_TEXT
+from balcaprl.length import DEFAULT_WINDOW
+from balcaprl.reproduce import ARMS_BY_NAME, EXPERIMENTS, REUSED, SCENE_COLUMNS, ReproduceSettings
+
+# The smallest differences that would matter, per quantity (an interval inside ±margin: "no difference").
+MARGINS = {
+    "cider_d": 0.02,
+    "b_capscore": 0.01,
+    "masked_fraction": 0.02,
+    "seed_std": 0.01,
+    "distinct_2": 0.01,
+    "noise": 0.005,
+}
+SEED_LEVEL = {"seed_std", "noise", "distinct_2"}  # one value per seed: intervals come from the seeds alone
+MIN_SEEDS_PER_ARM = 3
+EXPERIMENT_SHORT = {"cider": "CIDEr-D reward", "balcap": "world rewards + mask", "length": "c-GDPO, length control"}
+WORLD_PANELS = ("world_precision", "world_recall", "world_linguistic")
+
+
+# --------------------------------------------------------------------------------------------------- quantities
+
+
+def arm_columns(runs: dict, arm: str, seeds: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Per-scene scores of an arm, ``column -> (seeds, scenes)``."""
+    return {column: np.array([runs[(arm, seed)]["evaluation"][column] for seed in seeds]) for column in SCENE_COLUMNS}
+
+
+def stage1_columns(sft: dict) -> dict[str, np.ndarray]:
+    return {column: np.array([sft[column]]) for column in SCENE_COLUMNS}
+
+
+def distinct_ngrams(captions: list[str], n: int) -> float:
+    """Distinct-n of a set of captions: unique n-grams / all n-grams (lower-cased words), a diversity measure."""
+    grams = [
+        tuple(words[i : i + n])
+        for caption in captions
+        for words in [caption.lower().split()]
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def curve(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(log["step"], log[key]) for log in log_history if key in log]
+    return [step for step, _ in points], [value for _, value in points]
+
+
+def reward_noise(log_history: list[dict], key: str) -> float:
+    """Step-to-step noise of a logged training reward: std of its first differences / √2 (trend-free)."""
+    _, values = curve(log_history, key)
+    return float(np.std(np.diff(values), ddof=1) / np.sqrt(2)) if len(values) > 2 else float("nan")
+
+
+def training_mean(log_history: list[dict], key: str) -> float:
+    _, values = curve(log_history, key)
+    return float(np.mean(values)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------------ verdicts
+
+
+def compute_verdicts(runs: dict, settings: ReproduceSettings, draws: int) -> list[dict[str, Any]]:
+    """Every claim's interval and verdict line (only for the arms that ran)."""
+    seeds, arms = settings.seeds, set(settings.arms)
+    columns = {arm: arm_columns(runs, arm, seeds) for arm in arms}
+    claims: list[dict[str, Any]] = []
+
+    def add(claim: str, first: str, second: str, quantity: str, what: str, compute: Callable[[], Interval]) -> None:
+        if not {first, second} <= arms:
+            return
+        entry = {"claim": claim, "arms": [first, second], "quantity": quantity}
+        if quantity in SEED_LEVEL and len(seeds) < MIN_SEEDS_PER_ARM:
+            # resampling one or two seeds gives a degenerate interval that would read as a finding
+            line = (
+                f"**{claim}: cannot tell at this scale** — needs {MIN_SEEDS_PER_ARM} seeds per arm, {len(seeds)} ran."
+            )
+            claims.append({**entry, "interval": None, "line": line})
+            return
+        interval = compute()
+        claims.append(
+            {**entry, "interval": asdict(interval), "line": verdict(claim, interval, MARGINS[quantity], what)}
+        )
+
+    def metric(first: str, second: str, name: str) -> Callable[[], Interval]:
+        return lambda: bootstrap_difference(columns[first], columns[second], name, draws)
+
+    def per_seed(arm: str, value: Callable[[dict], float]) -> np.ndarray:
+        return np.array([value(runs[(arm, seed)]) for seed in seeds])
+
+    def distinct2(run: dict) -> float:
+        return distinct_ngrams(run["evaluation"]["captions"], 2)
+
+    def noise(run: dict) -> float:
+        return reward_noise(run["log_history"], "rewards/cider_d/mean")
+
+    def cider(run: dict) -> float:
+        return float(np.mean(run["evaluation"]["cider_d"]))
+
+    def std(values: np.ndarray) -> np.ndarray:
+        return values.std(axis=-1, ddof=1)
+
+    # GRPO for captioning (arXiv 2503.01333)
+    add(
+        "GRPO (paper's β 0.04, per-sequence loss) beats SCST on held-out CIDEr-D",
+        "grpo_paper",
+        "scst",
+        "cider_d",
+        "CIDEr-D difference",
+        metric("grpo_paper", "scst", "cider_d"),
+    )
+    add(
+        "With β and loss equal, GRPO's group baseline beats SCST's greedy baseline on CIDEr-D",
+        "grpo_beta0",
+        "scst",
+        "cider_d",
+        "CIDEr-D difference",
+        metric("grpo_beta0", "scst", "cider_d"),
+    )
+    add(
+        "Dropping the KL term (β 0 vs 0.04) raises GRPO's CIDEr-D at this budget",
+        "grpo_beta0",
+        "grpo_paper",
+        "cider_d",
+        "CIDEr-D difference",
+        metric("grpo_beta0", "grpo_paper", "cider_d"),
+    )
+    add(
+        "TRL's per-sequence loss (`grpo`, the paper's) beats `dapo` on CIDEr-D",
+        "grpo_paper",
+        "grpo_dapo",
+        "cider_d",
+        "CIDEr-D difference",
+        metric("grpo_paper", "grpo_dapo", "cider_d"),
+    )
+    add(
+        "GRPO is more stable across seeds than SCST",
+        "grpo_paper",
+        "scst",
+        "seed_std",
+        "seed std of CIDEr-D, SCST minus GRPO",
+        lambda: seed_bootstrap(per_seed("scst", cider), per_seed("grpo_paper", cider), std, draws),
+    )
+    add(
+        "GRPO's training reward is less noisy than SCST's",
+        "grpo_paper",
+        "scst",
+        "noise",
+        "step-to-step noise of the training CIDEr-D, SCST minus GRPO",
+        lambda: seed_bootstrap(per_seed("scst", noise), per_seed("grpo_paper", noise), draws=draws),
+    )
+    add(
+        "GRPO's captions are more diverse than SCST's",
+        "grpo_paper",
+        "scst",
+        "distinct_2",
+        "distinct-2 of the held-out captions, GRPO minus SCST",
+        lambda: seed_bootstrap(per_seed("grpo_paper", distinct2), per_seed("scst", distinct2), draws=draws),
+    )
+    # BalCapRL (arXiv 2605.07394)
+    add(
+        "c-GDPO beats summed GRPO on b-CapScore, exact rewards",
+        "c_gdpo",
+        "grpo_sum",
+        "b_capscore",
+        "b-CapScore difference",
+        metric("c_gdpo", "grpo_sum", "b_capscore"),
+    )
+    add(
+        "c-GDPO beats summed GRPO on b-CapScore, linguistic rated 1–5 like a judge",
+        "c_gdpo_judged",
+        "grpo_sum_judged",
+        "b_capscore",
+        "b-CapScore difference",
+        metric("c_gdpo_judged", "grpo_sum_judged", "b_capscore"),
+    )
+    add(
+        "Rating linguistic 1–5 hurts summed GRPO (the rating dominates the sum)",
+        "grpo_sum",
+        "grpo_sum_judged",
+        "b_capscore",
+        "b-CapScore, exact minus rated",
+        metric("grpo_sum", "grpo_sum_judged", "b_capscore"),
+    )
+    add(
+        "Rating linguistic 1–5 hurts c-GDPO",
+        "c_gdpo",
+        "c_gdpo_judged",
+        "b_capscore",
+        "b-CapScore, exact minus rated",
+        metric("c_gdpo", "c_gdpo_judged", "b_capscore"),
+    )
+    # length control (BalCapRL ablation)
+    add(
+        f"The length mask keeps more captions inside {WINDOW_TEXT} than no length control",
+        "no_length_control",
+        "length_mask",
+        "masked_fraction",
+        f"share outside {WINDOW_TEXT}, none minus mask",
+        metric("no_length_control", "length_mask", "masked_fraction"),
+    )
+    add(
+        "The length mask beats no length control on b-CapScore",
+        "length_mask",
+        "no_length_control",
+        "b_capscore",
+        "b-CapScore difference",
+        metric("length_mask", "no_length_control", "b_capscore"),
+    )
+    add(
+        "The length mask beats a linear length penalty on b-CapScore",
+        "length_mask",
+        "length_penalty",
+        "b_capscore",
+        "b-CapScore difference",
+        metric("length_mask", "length_penalty", "b_capscore"),
+    )
+    return claims
+
+
+# --------------------------------------------------------------------------------------------------------- plots
+
+
+def smooth(values: list[float], window: int) -> list[float]:  # TODO(merge): demo.smooth
+    return [float(np.mean(values[max(0, i - window + 1) : i + 1])) for i in range(len(values))]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_reward_curves(runs: dict, settings: ReproduceSettings, path: Path) -> Path:
+    """Smoothed training curves per arm (mean over seeds), the raw per-step mean faint behind each."""
+    plt = _pyplot()
+    window = max(1, settings.base.rl_steps // 12)
+    panels = {
+        "cider": ["rewards/cider_d/mean", "advantages/distinct_per_group"],
+        "world": [f"rewards/{name}/mean" for name in WORLD_PANELS] + ["advantages/distinct_per_group"],
+    }
+    figure, axes = plt.subplots(2, 4, figsize=(18, 7))
+    for row, (group, keys) in enumerate(panels.items()):
+        arms = [arm for arm in settings.arms if (ARMS_BY_NAME[arm].experiment == "cider") == (group == "cider")]
+        arms = [arm for arm in arms if arm not in REUSED]
+        for axis, key in zip(axes[row], keys):
+            for index, arm in enumerate(arms):
+                curves = [curve(runs[(arm, seed)]["log_history"], key) for seed in settings.seeds]
+                if not curves[0][0]:
+                    continue
+                steps = curves[0][0]
+                values = np.mean([values for _, values in curves], axis=0)
+                if key.endswith("world_linguistic/mean") and "judged" in arm:
+                    values = (values - 1) / 4  # a 1–5 rating on the [0, 1] scale of the others
+                colour = f"C{index}"
+                axis.plot(steps, values, color=colour, alpha=0.2, linewidth=0.8)
+                axis.plot(steps, smooth(list(values), window), color=colour, label=ARMS_BY_NAME[arm].label)
+            title = key.removeprefix("rewards/").removesuffix("/mean")
+            axis.set_title(
+                title + (" (1–5 ratings mapped to [0, 1])" if title == "world_linguistic" else ""), fontsize=9
+            )
+            axis.set_xlabel("step")
+            axis.grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    axes[0][2].axis("off")
+    axes[0][3].axis("off")
+    figure.suptitle(
+        f"training curves, mean over {len(settings.seeds)} seeds (faint: raw per step; bold: moving "
+        f"average of {window} steps)",
+        fontsize=10,
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_objective_gains(gains: dict[str, dict[str, Interval]], path: Path) -> Path:
+    plt = _pyplot()
+    metrics = ["precision", "recall", "linguistic", "b_capscore"]
+    figure, axis = plt.subplots(figsize=(8, 3.4))
+    width = 0.8 / max(1, len(gains))
+    for index, (arm, intervals) in enumerate(gains.items()):
+        positions = [m + (index - (len(gains) - 1) / 2) * width for m in range(len(metrics))]
+        estimates = [intervals[m].estimate for m in metrics]
+        errors = [
+            [intervals[m].estimate - intervals[m].low for m in metrics],
+            [intervals[m].high - intervals[m].estimate for m in metrics],
+        ]
+        axis.bar(positions, estimates, width=width, yerr=errors, capsize=2, label=ARMS_BY_NAME[arm].label)
+    axis.axhline(0, color="black", linewidth=0.8)
+    axis.set_xticks(range(len(metrics)), ["precision", "recall", "linguistic", "b-CapScore"])
+    axis.set_ylabel("gain over stage 1")
+    axis.set_title("per-objective gains on held-out scenes (95 % bootstrap intervals)", fontsize=10)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_length_ratios(runs: dict, settings: ReproduceSettings, sft: dict, path: Path) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 3.2))
+    axis.hist(
+        sft["length_ratio"], bins=30, range=(0, 3), histtype="step", linewidth=1.2, color="grey", label="stage 1 (SFT)"
+    )
+    for arm in (arm for arm in settings.arms if ARMS_BY_NAME[arm].experiment == "length"):
+        ratios = [ratio for seed in settings.seeds for ratio in runs[(arm, seed)]["evaluation"]["length_ratio"]]
+        axis.hist(
+            ratios,
+            bins=30,
+            range=(0, 3),
+            histtype="step",
+            linewidth=1.5,
+            density=False,
+            weights=np.full(len(ratios), 1 / len(settings.seeds)),
+            label=ARMS_BY_NAME[arm].label,
+        )
+    axis.axvspan(*DEFAULT_WINDOW, color="green", alpha=0.08, label=f"window {WINDOW_TEXT}")
+    axis.set_xlabel("caption length / reference length (held-out scenes, per seed)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------------- report
+
+
+def _seed_mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def write_results(root: Path, settings: ReproduceSettings, sft: dict, runs: dict, sweeps: dict, summary: dict) -> Path:
+    """``results.md`` (verdicts, tables), ``results.json`` and the plots; returns the path of ``results.md``."""
+    draws, seeds = settings.bootstrap_draws, settings.seeds
+    base = settings.base
+    stage1 = stage1_columns(sft)
+    verdicts = compute_verdicts(runs, settings, draws)
+    values = {
+        arm: {
+            metric: bootstrap_value(arm_columns(runs, arm, seeds), metric, draws)
+            for metric in ("cider_d", "b_capscore")
+        }
+        for arm in settings.arms
+    }
+    per_seed = {
+        arm: {seed: {c: float(np.mean(runs[(arm, seed)]["evaluation"][c])) for c in SCENE_COLUMNS} for seed in seeds}
+        for arm in settings.arms
+    }
+    lines = [
+        "# balcaprl reproduce: when do the papers' claims hold on the shapes world?",
+        "",
+        f"Run on {summary['date']} by `make reproduce`: one stage-1 model ({base.sft_steps} steps), then "
+        f"RL arms of {base.rl_steps} steps × {base.rl_prompts_per_step} prompts (G = 5 for the CIDEr-D arms, "
+        f"{base.num_generations} for the others; equal sampled-caption budgets within an experiment), seeds "
+        f"{list(seeds)}, greedy captions on {base.test_scenes} held-out scenes. Step budgets, no wall-clock caps: "
+        f"the same command gives the same numbers on one machine. "
+        f"{summary['machine']['cpu_count']} CPU cores, {summary['seconds'] / 60:.1f} min wall-clock, "
+        f"{summary['cpu_seconds'] / 60:.1f} CPU-minutes.",
+        "",
+        "Intervals are 95 % bootstrap percentile intervals over held-out scenes (paired across arms) and seeds "
+        "(`balcaprl.claims`); each verdict is computed from the interval of its difference: **holds** (above 0), "
+        "**does not hold** (below 0, or inside ±margin: "
+        + ", ".join(f"{quantity} {margin:g}" for quantity, margin in MARGINS.items())
+        + "), **cannot tell at this scale** (otherwise).",
+        "",
+        "## Verdicts",
+        "",
+        *[f"- {claim['line']}" for claim in verdicts],
+        "",
+    ]
+    for experiment, title in EXPERIMENTS.items():
+        arms = [arm for arm in settings.arms if ARMS_BY_NAME[arm].experiment == experiment]
+        if not arms:
+            continue
+        lines += [f"## {title}", "", "Mean over seeds (± seed std for the unbracketed columns).", ""]
+        lines += _metric_table(arms, sft, values, per_seed, seeds, draws, experiment_column=False)
+        lines.append("")
+        if experiment == "cider":
+            lines += _cider_tables(runs, settings, sweeps)
+        if experiment == "balcap":
+            gains = {
+                arm: {
+                    m: bootstrap_difference(arm_columns(runs, arm, seeds), stage1, m, draws)
+                    for m in ("precision", "recall", "linguistic", "b_capscore")
+                }
+                for arm in arms
+            }
+            lines += _gain_table(runs, settings, arms, gains)
+            plot_objective_gains(gains, root / "objective_gains.png")
+            lines += ["![per-objective gains](objective_gains.png)", ""]
+        if experiment == "length":
+            plot_length_ratios(runs, settings, sft, root / "length_ratios.png")
+            lines += ["![length ratios](length_ratios.png)", ""]
+    plot_reward_curves(runs, settings, root / "reward_curves.png")
+    lines += ["## Training curves", "", "![reward curves](reward_curves.png)", ""]
+    lines += [
+        "## Determinism",
+        "",
+        "Every run has a fixed step budget; data, model initialisation and sampling are seeded, and each process "
+        "computes on one thread (`OMP_NUM_THREADS=1`), so two runs on one machine give identical tables (the test "
+        "suite checks this on `--quick`). Across machines the numbers can still differ: float summation order "
+        "depends on the CPU's vector instructions (AVX2 vs AVX-512 kernels in PyTorch and oneDNN/MKL) and on the "
+        "library versions, and sampled RL amplifies a last-bit difference into different captions.",
+        "",
+        "Recipes: `recipes/*.yaml`; per-run logs: `logs/`; per-scene scores: `runs/*/evaluation.json`.",
+    ]
+    path = root / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    document = {
+        "settings": asdict(settings),
+        **{key: summary[key] for key in ("date", "machine", "seconds", "cpu_seconds")},
+        "sft": {c: float(np.mean(sft[c])) for c in SCENE_COLUMNS},
+        "runs": {f"{arm}/seed{seed}": per_seed[arm][seed] for arm in settings.arms for seed in seeds},
+        "intervals": {arm: {m: asdict(i) for m, i in values[arm].items()} for arm in settings.arms},
+        "sweeps": {
+            name: {
+                "validation_cider_d": {f"{lr:g}": v for lr, v in sweep["validation_cider_d"].items()},
+                "chosen": sweep["chosen"],
+            }
+            for name, sweep in sweeps.items()
+        },
+        "verdicts": verdicts,
+    }
+    (root / "results.json").write_text(json.dumps(document, indent=2))
+    section = readme_section(settings, sft, values, per_seed, verdicts, sweeps, summary)
+    (root / "readme_section.md").write_text(section)
+    return path
+
+
+def _metric_table(arms: list[str], sft: dict, values: dict, per_seed: dict, seeds: tuple, draws: int,
+                  experiment_column: bool) -> list[str]:  # fmt: skip
+    """Stage 1 and the arms: CIDEr-D and b-CapScore with intervals, the rest as mean ± seed std."""
+    lead = "| experiment " if experiment_column else ""
+    lines = [
+        f"{lead}| arm | CIDEr-D [95 % CI] | b-CapScore [95 % CI] | precision | recall | linguistic | length ratio | "
+        f"outside {WINDOW_TEXT} |",
+        "|---" * (8 + experiment_column) + "|",
+        ("| " if experiment_column else "")
+        + f"| stage 1 (SFT) | {np.mean(sft['cider_d']):.3f} | "
+        + f"{bootstrap_value(stage1_columns(sft), 'b_capscore', draws).estimate:.3f} | "
+        + " | ".join(f"{np.mean(sft[c]):.3f}" for c in SCENE_COLUMNS if c != "cider_d")
+        + " |",
+    ]
+    previous = None
+    for arm in arms:
+        cells = [values[arm]["cider_d"].format(), values[arm]["b_capscore"].format()]
+        cells += [
+            _seed_mean_std([per_seed[arm][seed][c] for seed in seeds])
+            for c in ("precision", "recall", "linguistic", "length_ratio", "outside_window")
+        ]
+        experiment = ARMS_BY_NAME[arm].experiment
+        first = f"| {EXPERIMENT_SHORT[experiment] if experiment != previous else ''} " if experiment_column else ""
+        previous = experiment
+        lines.append(f"{first}| {ARMS_BY_NAME[arm].label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def readme_section(settings: ReproduceSettings, sft: dict, values: dict, per_seed: dict, verdicts: list,
+                   sweeps: dict, summary: dict) -> str:  # fmt: skip
+    """The README's reproduction results, generated from the run (``--update-readme`` pastes it in)."""
+    base = settings.base
+    chosen = ", ".join(f"{name} {sweep['chosen']:g}" for name, sweep in sweeps.items())
+    lines = [
+        f"Measured by `make reproduce` on {summary['date']}: {summary['machine']['cpu_count']} CPU cores, "
+        f"{summary['seconds'] / 60:.1f} min ({summary['cpu_seconds'] / 60:.1f} CPU-minutes); {len(settings.seeds)} "
+        f"seeds per arm, {base.rl_steps} RL steps × {base.rl_prompts_per_step} prompts, {base.test_scenes} held-out "
+        f"scenes, greedy captions" + (f"; learning rates chosen by the sweep: {chosen}" if chosen else "") + ".",
+        "Computed verdicts (95 % bootstrap intervals over scenes and seeds):",
+        "",
+        *[f"- {claim['line']}" for claim in verdicts],
+        "",
+        *_metric_table(
+            sorted(settings.arms, key=lambda arm: list(EXPERIMENTS).index(ARMS_BY_NAME[arm].experiment)),
+            sft,
+            values,
+            per_seed,
+            settings.seeds,
+            settings.bootstrap_draws,
+            True,
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+README_MARKERS = ("<!-- reproduce:start -->", "<!-- reproduce:end -->")
+
+
+def update_readme(readme: Path, section: str) -> None:
+    """Replace the text between the README's reproduce markers with ``section``."""
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise ValueError(f"{readme} needs exactly one {start} ... {end} block for the reproduction results.")
+    head, rest = text.split(start)
+    _, tail = rest.split(end)
+    readme.write_text(f"{head}{start}\n{section}{end}{tail}")
+
+
+def _cider_tables(runs: dict, settings: ReproduceSettings, sweeps: dict) -> list[str]:
+    seeds = settings.seeds
+    arms = [arm for arm in settings.arms if ARMS_BY_NAME[arm].experiment == "cider"]
+    lines = []
+    if sweeps:
+        rates = settings.sweep_learning_rates
+        lines += [
+            f"Learning-rate sweep (validation CIDEr-D, {settings.sweep_steps} steps, seeds "
+            f"{list(settings.sweep_seeds)}, {settings.validation_scenes} validation scenes; the best is used):",
+            "",
+            "| swept configuration | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
+            "|---" * (len(rates) + 2) + "|",
+        ]
+        for name, sweep in sweeps.items():
+            cells = [f"{sweep['validation_cider_d'][lr]:.3f}" for lr in rates]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {sweep['chosen']:g} |")
+        lines.append("")
+    lines += [
+        "Stability and diversity (mean over seeds; seed std of CIDEr-D; training-reward noise = std of the per-step "
+        "change of the mean training CIDEr-D / √2; distinct-n over the held-out captions):",
+        "",
+        "| arm | learning rate | seed std of CIDEr-D | training-reward noise | distinct-1 | distinct-2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        group = [runs[(arm, seed)] for seed in seeds]
+        ciders = [float(np.mean(run["evaluation"]["cider_d"])) for run in group]
+        sweep = ARMS_BY_NAME[arm].sweep
+        lr = sweeps[sweep]["chosen"] if sweep in sweeps else settings.base.rl_learning_rate
+        lines.append(
+            f"| {ARMS_BY_NAME[arm].label} | {lr:g} | {np.std(ciders, ddof=1) if len(ciders) > 1 else 0:.3f} | "
+            f"{np.mean([reward_noise(r['log_history'], 'rewards/cider_d/mean') for r in group]):.4f} | "
+            f"{np.mean([distinct_ngrams(r['evaluation']['captions'], 1) for r in group]):.3f} | "
+            f"{np.mean([distinct_ngrams(r['evaluation']['captions'], 2) for r in group]):.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _gain_table(runs: dict, settings: ReproduceSettings, arms: list[str], gains: dict) -> list[str]:
+    lines = [
+        "Per-objective gains over stage 1 [95 % CI] and, over training, the mean of `advantages/distinct_per_group` "
+        "(distinct advantage values per group: how finely the estimator ranks a group's captions) and of "
+        "`frac_reward_zero_std`:",
+        "",
+        "| arm | Δ precision | Δ recall | Δ linguistic | Δ b-CapScore | distinct_per_group | frac_reward_zero_std |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms:
+        history = [runs[(arm, seed)]["log_history"] for seed in settings.seeds]
+        cells = [gains[arm][m].format(signed=True) for m in ("precision", "recall", "linguistic", "b_capscore")]
+        cells += [
+            f"{np.mean([training_mean(h, key) for h in history]):.2f}"
+            for key in ("advantages/distinct_per_group", "frac_reward_zero_std")
+        ]
+        lines.append(f"| {ARMS_BY_NAME[arm].label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
