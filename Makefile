@@ -47,10 +47,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the main job: tiny model, SFT, BalCapRL, evaluation -> runs/demo/report.md (~5 min on 2 cores)
 	$(PY) -m balcaprl.demo --output-dir runs/demo
 
-reproduce: $(STAMP)  ## both papers' claims at small scale, 3 seeds -> runs/reproduce/results.md (~16 min)
+reproduce: $(STAMP)  ## when the papers' claims hold: RL arms x 5 seeds, computed verdicts -> runs/reproduce/results.md (~42 min, 2 cores)
 	$(PY) -m balcaprl.reproduce --output-dir runs/reproduce
 
-reproduce-quick: $(STAMP)  ## the same with a tiny budget (a smoke run, ~1-2 min)
+reproduce-quick: $(STAMP)  ## the same with a tiny budget (a smoke run, ~4 min)
 	$(PY) -m balcaprl.reproduce --quick --output-dir runs/reproduce-quick
 
 judge-model: $(STAMP)

@@ -8,7 +8,7 @@
     balcaprl evaluate score|compare ...       score captions (JSONL, or COCO results + --annotations) / compare reports
     balcaprl merge ADAPTER_DIR --output-dir DIR [--base-model B]   a LoRA adapter merged into its base, for serving
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
-    balcaprl reproduce [--quick]              both papers' claims at small scale (runs/reproduce/results.md)
+    balcaprl reproduce [--quick]              when the papers' claims hold at small scale (runs/reproduce/results.md)
 
 Any recipe key can be overridden after the recipe (``--learning_rate 1e-6``); for several GPUs run the same
 through accelerate: ``accelerate launch --config_file recipes/accelerate/zero2.yaml -m balcaprl.train --config

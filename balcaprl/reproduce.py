@@ -118,6 +118,7 @@ EXPERIMENTS = {
 }
 TABLE_METRICS = ["cider_d", "b_capscore", "precision", "recall", "linguistic", "length_ratio", "masked_fraction"]
 EVALUATION_FILE = "evaluation.json"
+VALIDATION_FILE = "evaluation_validation.json"
 SUMMARY_FILE = "run_summary.json"
 SCENE_COLUMNS = ["precision", "recall", "linguistic", "cider_d", "length_ratio", "outside_window"]
 
@@ -404,9 +405,8 @@ def run_reproduce(settings: ReproduceSettings) -> Path:
     if run_entry_point("sft", recipe_path, root / "logs" / "sft.log").wait() != 0:
         raise RuntimeError(f"Stage 1 failed; see {root / 'logs' / 'sft.log'}.")
     stage1_seconds = time.monotonic() - started
-    evaluate_run(
-        str(sft_dir), str(test), str(corpus_file), settings.base.eval_batch_size, str(sft_dir / EVALUATION_FILE)
-    )
+    for rows, name in ((test, EVALUATION_FILE), (validation, VALIDATION_FILE)):  # the sweep's table starts at stage 1
+        evaluate_run(str(sft_dir), str(rows), str(corpus_file), settings.base.eval_batch_size, str(sft_dir / name))
     _log(f"stage 1 done in {stage1_seconds / 60:.1f} min; RL arms: {', '.join(settings.arms)}")
     run_all(settings, root, train, validation, test, sft_dir, corpus_file)
     seconds = time.monotonic() - started

@@ -13,7 +13,14 @@ import numpy as np
 from balcaprl.claims import Interval, bootstrap_difference, bootstrap_value, seed_bootstrap, verdict
 from balcaprl.demo import WINDOW_TEXT
 from balcaprl.length import DEFAULT_WINDOW
-from balcaprl.reproduce import ARMS_BY_NAME, EXPERIMENTS, REUSED, SCENE_COLUMNS, ReproduceSettings
+from balcaprl.reproduce import (
+    ARMS_BY_NAME,
+    EXPERIMENTS,
+    REUSED,
+    SCENE_COLUMNS,
+    VALIDATION_FILE,
+    ReproduceSettings,
+)
 
 # The smallest differences that would matter, per quantity (an interval inside ±margin: "no difference").
 MARGINS = {
@@ -23,9 +30,17 @@ MARGINS = {
     "seed_std": 0.01,
     "distinct_2": 0.01,
     "noise": 0.005,
+    "train_reward": 0.01,
 }
-SEED_LEVEL = {"seed_std", "noise", "distinct_2"}  # one value per seed: intervals come from the seeds alone
+SEED_LEVEL = {
+    "seed_std",
+    "noise",
+    "distinct_2",
+    "train_reward",
+}  # one value per seed: intervals come from the seeds alone
 MIN_SEEDS_PER_ARM = 3
+METRIC_LABELS = {"cider_d": "CIDEr-D", "b_capscore": "b-CapScore"}
+STAGE1 = "stage 1"  # the stage-1 model, as a one-seed arm of the comparisons against it
 EXPERIMENT_SHORT = {"cider": "CIDEr-D reward", "balcap": "world rewards + mask", "length": "c-GDPO, length control"}
 WORLD_PANELS = ("world_precision", "world_recall", "world_linguistic")
 
@@ -64,6 +79,17 @@ def reward_noise(log_history: list[dict], key: str) -> float:
     return float(np.std(np.diff(values), ddof=1) / np.sqrt(2)) if len(values) > 2 else float("nan")
 
 
+def late_training_mean(log_history: list[dict], keys: tuple[str, ...], share: float = 1 / 3) -> float:
+    """Sum over ``keys`` of each logged training reward's mean over the last ``share`` of the steps."""
+    total = 0.0
+    for key in keys:
+        _, values = curve(log_history, key)
+        if not values:
+            return float("nan")  # the run did not log this reward
+        total += float(np.mean(values[-max(1, round(len(values) * share)) :]))
+    return total
+
+
 def training_mean(log_history: list[dict], key: str) -> float:
     _, values = curve(log_history, key)
     return float(np.mean(values)) if values else float("nan")
@@ -72,10 +98,15 @@ def training_mean(log_history: list[dict], key: str) -> float:
 # ------------------------------------------------------------------------------------------------------ verdicts
 
 
-def compute_verdicts(runs: dict, settings: ReproduceSettings, draws: int) -> list[dict[str, Any]]:
-    """Every claim's interval and verdict line (only for the arms that ran)."""
+def compute_verdicts(
+    runs: dict, settings: ReproduceSettings, draws: int, sft: dict | None = None
+) -> list[dict[str, Any]]:
+    """Every claim's interval and verdict line (only for the arms that ran; gains over stage 1 when ``sft``)."""
     seeds, arms = settings.seeds, set(settings.arms)
     columns = {arm: arm_columns(runs, arm, seeds) for arm in arms}
+    if sft is not None:
+        columns[STAGE1] = stage1_columns(sft)
+        arms.add(STAGE1)
     claims: list[dict[str, Any]] = []
 
     def add(claim: str, first: str, second: str, quantity: str, what: str, compute: Callable[[], Interval]) -> None:
@@ -111,6 +142,17 @@ def compute_verdicts(runs: dict, settings: ReproduceSettings, draws: int) -> lis
 
     def std(values: np.ndarray) -> np.ndarray:
         return values.std(axis=-1, ddof=1)
+
+    def late_precision_recall(run: dict) -> float:
+        return late_training_mean(run["log_history"], ("rewards/world_precision/mean", "rewards/world_recall/mean"))
+
+    # RL over its stage-1 start (both papers' premise)
+    for arm, name, label in (
+        ("scst", "cider_d", "SCST raises held-out CIDEr-D over stage 1"),
+        ("grpo_paper", "cider_d", "GRPO (paper's) raises held-out CIDEr-D over stage 1"),
+        ("c_gdpo", "b_capscore", "BalCapRL (c-GDPO + length mask) raises b-CapScore over stage 1"),
+    ):
+        add(label, arm, STAGE1, name, f"{METRIC_LABELS[name]} gain", metric(arm, STAGE1, name))
 
     # GRPO for captioning (arXiv 2503.01333)
     add(
@@ -202,6 +244,19 @@ def compute_verdicts(runs: dict, settings: ReproduceSettings, draws: int) -> lis
         "b-CapScore, exact minus rated",
         metric("c_gdpo", "c_gdpo_judged", "b_capscore"),
     )
+    for exact in (True, False):
+        first, second = ("c_gdpo", "grpo_sum") if exact else ("c_gdpo_judged", "grpo_sum_judged")
+        add(
+            "c-GDPO trains precision + recall faster than summed GRPO, "
+            + ("exact rewards" if exact else "linguistic rated 1–5"),
+            first,
+            second,
+            "train_reward",
+            "training precision + recall (mean reward, last third of the steps), c-GDPO minus summed GRPO",
+            lambda first=first, second=second: seed_bootstrap(
+                per_seed(first, late_precision_recall), per_seed(second, late_precision_recall), draws=draws
+            ),
+        )
     # length control (BalCapRL ablation)
     add(
         f"The length mask keeps more captions inside {WINDOW_TEXT} than no length control",
@@ -353,7 +408,7 @@ def write_results(root: Path, settings: ReproduceSettings, sft: dict, runs: dict
     draws, seeds = settings.bootstrap_draws, settings.seeds
     base = settings.base
     stage1 = stage1_columns(sft)
-    verdicts = compute_verdicts(runs, settings, draws)
+    verdicts = compute_verdicts(runs, settings, draws, sft)
     values = {
         arm: {
             metric: bootstrap_value(arm_columns(runs, arm, seeds), metric, draws)
@@ -395,7 +450,8 @@ def write_results(root: Path, settings: ReproduceSettings, sft: dict, runs: dict
         lines += _metric_table(arms, sft, values, per_seed, seeds, draws, experiment_column=False)
         lines.append("")
         if experiment == "cider":
-            lines += _cider_tables(runs, settings, sweeps)
+            stage1_validation = float(np.mean(json.loads((root / "sft" / VALIDATION_FILE).read_text())["cider_d"]))
+            lines += _cider_tables(runs, settings, sweeps, stage1_validation)
         if experiment == "balcap":
             gains = {
                 arm: {
@@ -515,7 +571,7 @@ def update_readme(readme: Path, section: str) -> None:
     readme.write_text(f"{head}{start}\n{section}{end}{tail}")
 
 
-def _cider_tables(runs: dict, settings: ReproduceSettings, sweeps: dict) -> list[str]:
+def _cider_tables(runs: dict, settings: ReproduceSettings, sweeps: dict, stage1_validation: float) -> list[str]:
     seeds = settings.seeds
     arms = [arm for arm in settings.arms if ARMS_BY_NAME[arm].experiment == "cider"]
     lines = []
@@ -525,11 +581,11 @@ def _cider_tables(runs: dict, settings: ReproduceSettings, sweeps: dict) -> list
             f"Learning-rate sweep (validation CIDEr-D, {settings.sweep_steps} steps, seeds "
             f"{list(settings.sweep_seeds)}, {settings.validation_scenes} validation scenes; the best is used):",
             "",
-            "| swept configuration | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
-            "|---" * (len(rates) + 2) + "|",
+            "| swept configuration | stage 1 | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
+            "|---" * (len(rates) + 3) + "|",
         ]
         for name, sweep in sweeps.items():
-            cells = [f"{sweep['validation_cider_d'][lr]:.3f}" for lr in rates]
+            cells = [f"{stage1_validation:.3f}", *(f"{sweep['validation_cider_d'][lr]:.3f}" for lr in rates)]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {sweep['chosen']:g} |")
         lines.append("")
     lines += [

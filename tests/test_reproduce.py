@@ -190,3 +190,10 @@ def test_update_readme_replaces_only_the_marked_block(tmp_path):
     with pytest.raises(ValueError, match="reproduce:start"):
         update_readme(readme, "x")
     assert readme.read_text() == "no markers"  # nothing lost on error
+
+
+def test_the_readme_has_one_reproduce_block():
+    from balcaprl.reproduce_report import README_MARKERS
+
+    text = (REPO / "README.md").read_text()
+    assert all(text.count(marker) == 1 for marker in README_MARKERS)
