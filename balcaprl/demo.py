@@ -7,8 +7,10 @@ On the synthetic shapes world (`balcaprl.world`), where every caption can be sco
 3. stage 1: cross-entropy fine-tuning on the references (``balcaprl sft`` with a generated recipe);
 4. stage 2: BalCapRL — c-GDPO over the exact precision / recall / linguistic rewards, linguistic masked outside
    the length window — for several seeds in parallel (``balcaprl train`` with generated recipes);
-5. evaluation of the stage-1 model and of every RL seed on the held-out scenes (greedy captions), and
-   ``report.md`` with the before/after table, the gain and its spread over seeds, sample captions and reward curves.
+5. evaluation of the stage-1 model and of every RL seed on the held-out scenes (greedy captions), a held-out
+   b-CapScore curve during RL (model-only checkpoints saved by the RL runs, scored on a fixed subset of the held-out
+   scenes), and ``report.md`` with the before/after table, the gain and its spread over seeds, the held-out curve,
+   sample captions and smoothed training reward curves.
 
 Stages run through the same entry points and recipes as a GPU run; the recipes are written next to the results.
 """
@@ -18,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,9 @@ from balcaprl.length import DEFAULT_WINDOW, length_conditional_mask, length_rati
 from balcaprl.rewards.world import WORLD_REWARDS
 
 WINDOW_TEXT = f"[{DEFAULT_WINDOW[0]:g}, {DEFAULT_WINDOW[1]:g}]"
-# The RL recipes log every RL_LOGGING_STEPS steps; the progress bar counts those log lines.
-RL_LOGGING_STEPS = 5
+# The RL recipes log every RL_LOGGING_STEPS steps; the progress bar counts those log lines. Every step, so that the
+# training curves show each step's 16 samples (faint) under their moving average.
+RL_LOGGING_STEPS = 1
 
 
 @dataclass
@@ -68,6 +74,14 @@ class DemoSettings:
     # evaluation
     eval_batch_size: int = 50
     samples_in_report: int = 6
+    # held-out curve during RL: the stage-1 model (step 0) and `curve_points` evenly spaced checkpoints of every seed
+    # (the last one is the final model), scored on the first `curve_scenes` held-out scenes. Six (every 20 steps) so
+    # that a run the time cap stops early (about step 75 on a busy 2-core machine) still has four points after step 0.
+    curve_points: int = 6
+    curve_scenes: int = 48
+    keep_checkpoints: bool = False
+    # training curves: moving average over this many logged steps
+    smoothing_window: int = 10
 
 
 def _log(message: str) -> None:
@@ -122,7 +136,24 @@ def sft_recipe(settings: DemoSettings, train: Path, model: Path, output_dir: Pat
     }
 
 
-def rl_recipe(settings: DemoSettings, train: Path, sft_model: Path, output_dir: Path, seed: int) -> dict[str, Any]:
+def checkpoint_interval(settings: DemoSettings) -> int:
+    """Steps between the RL checkpoints of the held-out curve: `curve_points` evenly spaced up to `rl_steps`."""
+    return max(1, settings.rl_steps // max(1, settings.curve_points))
+
+
+def rl_recipe(
+    settings: DemoSettings,
+    train: Path,
+    sft_model: Path,
+    output_dir: Path,
+    seed: int,
+    checkpoint_steps: int | None = None,
+) -> dict[str, Any]:
+    """The RL recipe of one seed; ``checkpoint_steps`` saves a model-only checkpoint (weights and processor, no
+    optimizer state) every that many steps, for the held-out curve. None saves nothing but the final model."""
+    saving = {"save_strategy": "no"}
+    if checkpoint_steps:
+        saving = {"save_strategy": "steps", "save_steps": checkpoint_steps, "save_only_model": True}
     return {
         "model_name_or_path": str(sft_model),
         "dataset": str(train),
@@ -145,7 +176,7 @@ def rl_recipe(settings: DemoSettings, train: Path, sft_model: Path, output_dir: 
         "max_steps": settings.rl_steps,
         "max_train_seconds": settings.rl_max_seconds,
         "logging_steps": RL_LOGGING_STEPS,
-        "save_strategy": "no",
+        **saving,
         "report_to": "none",
         "disable_tqdm": True,
         "seed": seed,
@@ -171,14 +202,20 @@ def run_entry_point(module: str, recipe: Path, log_file: Path | None = None) -> 
     )
 
 
-def wait_for(processes: dict[str, subprocess.Popen], logs: dict[str, Path], total_steps: int) -> None:
-    """Wait for parallel runs, with one progress bar over all of them (read from their logged steps)."""
+def wait_for(
+    processes: dict[str, subprocess.Popen],
+    logs: dict[str, Path],
+    total_steps: int,
+    logging_steps: int = RL_LOGGING_STEPS,
+) -> None:
+    """Wait for parallel runs, with one progress bar over all of them (read from their logged steps: one ``'loss'``
+    line per ``logging_steps`` steps, the recipes' ``logging_steps``)."""
     from tqdm.auto import tqdm
 
     with tqdm(total=total_steps * len(processes), desc="RL (all seeds)", unit="step") as bar:
         while any(process.poll() is None for process in processes.values()):
             time.sleep(0.5)
-            done = sum(min(total_steps, logs[name].read_text().count("'loss'") * RL_LOGGING_STEPS) for name in logs)
+            done = sum(min(total_steps, logs[name].read_text().count("'loss'") * logging_steps) for name in logs)
             bar.update(done - bar.n)
         bar.update(bar.total - bar.n)
     failed = {name: process.returncode for name, process in processes.items() if process.returncode}
@@ -213,6 +250,66 @@ def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], 
     }
 
 
+# The scores a held-out curve point keeps (evaluate_model's means; its captions are not kept).
+CURVE_METRICS = ("precision", "recall", "linguistic", "b_capscore", "cider_d", "length_ratio")
+
+
+def run_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """The ``checkpoint-<step>`` folders a training run saved in ``run_dir``, by step (ascending)."""
+    folders = {}
+    for folder in run_dir.glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", folder.name)
+        if match and folder.is_dir():
+            folders[int(match.group(1))] = folder
+    return dict(sorted(folders.items()))
+
+
+def final_step(run_dir: Path) -> int:
+    """The last optimizer step of a finished run (``global_step`` of the ``trainer_state.json`` beside its model)."""
+    state = run_dir / "trainer_state.json"
+    if not state.is_file():
+        raise RuntimeError(f"{state} is missing; the run in {run_dir} did not finish.")
+    return int(json.loads(state.read_text())["global_step"])
+
+
+def heldout_curve(
+    run_dir: Path, start_scores: dict[str, Any], rows: list[dict], corpus: list[list[str]], batch_size: int
+) -> list[dict[str, Any]]:
+    """Held-out scores of one RL run along its steps: ``[{"step", "model", precision, recall, ..., b_capscore}]``.
+
+    Step 0 is the starting model, whose scores on ``rows`` the caller gives (``start_scores``, the same for every
+    seed); then every checkpoint in ``run_dir`` before the last step; then the last step, scored from the final model
+    in ``run_dir`` itself (a checkpoint of that step holds the same weights). A run stopped early by its time cap ends
+    at the step it reached.
+    """
+    last = final_step(run_dir)
+    points = [{"step": 0, "model": "stage 1", **{key: start_scores[key] for key in CURVE_METRICS}}]
+    sources = [(step, folder, folder.name) for step, folder in run_checkpoints(run_dir).items() if 0 < step < last]
+    if last > 0:
+        sources.append((last, run_dir, "final"))
+    for step, folder, name in sources:
+        scores = evaluate_model(folder, rows, corpus, batch_size)
+        points.append({"step": step, "model": name, **{key: scores[key] for key in CURVE_METRICS}})
+    return points
+
+
+def _folder_megabytes(folder: Path) -> float:
+    return sum(file.stat().st_size for file in folder.rglob("*") if file.is_file()) / 1e6
+
+
+def remove_checkpoints(run_dir: Path) -> float:
+    """Delete the ``checkpoint-*`` folders of a run; returns the megabytes freed.
+
+    Also used before a run starts: ``balcaprl train`` resumes from the newest checkpoint in its ``output_dir``, so a
+    checkpoint left by an earlier demo would make the new run resume instead of training.
+    """
+    freed = 0.0
+    for folder in run_checkpoints(run_dir).values():
+        freed += _folder_megabytes(folder)
+        shutil.rmtree(folder)
+    return freed
+
+
 # --------------------------------------------------------------------------------------------------------- report
 
 METRICS = [
@@ -230,8 +327,23 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def plot_reward_curves(run_dirs: dict[int, Path], path: Path) -> Path | None:
-    """Training reward curves (mean per logging step) of every RL seed, one panel per reward."""
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: element i is the mean of ``values[max(0, i - window + 1) : i + 1]``.
+
+    The first ``window - 1`` elements average the values seen so far, so the output has the input's length and
+    starts at the first value; ``window=1`` returns the values unchanged. Used for the training curves of the demo
+    and of `balcaprl.reproduce`. E.g. ``smooth([1, 2, 3, 4, 5], 3) == [1.0, 1.5, 2.0, 3.0, 4.0]``.
+    """
+    if window < 1:
+        raise ValueError(f"smooth: window must be a positive number of steps, got {window}.")
+    values = [float(value) for value in values]
+    # each window summed afresh (not a running sum, whose rounding drifts): curves are a few thousand points at most
+    return [statistics.fmean(values[max(0, index - window + 1) : index + 1]) for index in range(len(values))]
+
+
+def plot_reward_curves(run_dirs: dict[int, Path], path: Path, window: int = 10) -> Path | None:
+    """Training reward curves of every RL seed, one panel per reward: the mean per logged step, faint, under its
+    moving average over ``window`` logged steps (`smooth`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,14 +355,49 @@ def plot_reward_curves(run_dirs: dict[int, Path], path: Path) -> Path | None:
     names = sorted({key for logs in histories.values() for log in logs for key in log if key.startswith("rewards/")})
     names = [name for name in names if name.endswith("/mean")] + ["length/masked_frac"]
     figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, name in zip(axes, names):
-        for seed, logs in histories.items():
-            points = [(log["step"], log[name]) for log in logs if name in log]
-            axis.plot(*zip(*points), label=f"seed {seed}") if points else None
+        for index, (seed, logs) in enumerate(histories.items()):
+            points = [(log["step"], log[name]) for log in logs if log.get(name) is not None]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            colour = colours[index % len(colours)]
+            axis.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+            axis.plot(steps, smooth(values, window), color=colour, linewidth=1.8, label=f"seed {seed}")
         axis.set_title(name.removeprefix("rewards/").removesuffix("/mean"))
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].legend()
+    figure.suptitle(f"training rewards: mean of each step's samples (faint), moving average over {window} steps")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_heldout_curve(curves: dict[int, list[dict[str, Any]]], path: Path, scenes: int) -> Path:
+    """Held-out precision / recall / linguistic / b-CapScore against the RL step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("linguistic", "linguistic"),
+        ("b_capscore", "b-CapScore"),
+    ]
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for axis, (key, label) in zip(axes, keys):
+        for seed, points in curves.items():
+            axis.plot([p["step"] for p in points], [p[key] for p in points], marker="o", label=f"seed {seed}")
+        axis.set_title(label)
+        axis.set_xlabel("RL step (0 = stage 1)")
+        axis.grid(alpha=0.3)
+    axes[-1].legend()
+    figure.suptitle(f"held-out scores during RL: greedy captions on {scenes} fixed held-out scenes")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -277,6 +424,37 @@ def plot_before_after(before: dict, after: list[dict], path: Path) -> Path:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def _heldout_lines(settings: DemoSettings, curve: dict[str, Any]) -> list[str]:
+    """The report's section on the held-out curve: the figure, one row per (seed, step), a summary line per seed."""
+    lines = [
+        "## Held-out scores during RL",
+        "",
+        f"Greedy captions on the first {curve['scenes']} held-out scenes (the same scenes at every point): step 0 "
+        f"is the stage-1 model, then a checkpoint every {curve['checkpoint_steps']} RL steps; the last point of each "
+        f"seed is its final model (step {settings.rl_steps} unless the time cap of {settings.rl_max_seconds:g} s "
+        "stopped it earlier).",
+        "",
+        "![held-out scores during RL](heldout_curve.png)",
+        "",
+        "| seed | step | precision | recall | linguistic | b-CapScore |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, points in curve["per_seed"].items():
+        lines += [
+            f"| {seed} | {p['step']} | {p['precision']:.3f} | {p['recall']:.3f} | {p['linguistic']:.3f} "
+            f"| {p['b_capscore']:.3f} |"
+            for p in points
+        ]
+    lines.append("")
+    for seed, points in curve["per_seed"].items():
+        best = max(points, key=lambda point: point["b_capscore"])
+        lines.append(
+            f"- seed {seed}: b-CapScore {points[0]['b_capscore']:.3f} at step 0 → {points[-1]['b_capscore']:.3f} at "
+            f"step {points[-1]['step']} (highest {best['b_capscore']:.3f}, at step {best['step']})."
+        )
+    return [*lines, ""]
 
 
 def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], timings: dict[str, float]) -> Path:
@@ -314,7 +492,12 @@ def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], ti
         "",
         "![before and after](before_after.png)",
         "",
-        "Training reward curves (mean reward per logging step; the linguistic curve is after masking):",
+        *_heldout_lines(settings, results["heldout_curve"]),
+        "## Training reward curves",
+        "",
+        f"Faint: the mean reward of each step's {settings.num_generations * settings.rl_prompts_per_step} sampled "
+        f"captions; bold: its moving average over {settings.smoothing_window} steps. The linguistic curve is after "
+        "masking; `length/masked_frac` is the fraction of sampled captions outside the length window.",
         "",
         "![reward curves](reward_curves.png)",
         "",
@@ -349,6 +532,10 @@ def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], ti
                     str(seed): {k: v for k, v in run.items() if k != "captions"} for seed, run in results["rl"].items()
                 },
                 "b_capscore_gain": {"mean": gain_mean, "std": gain_std, "per_seed": gains},
+                "heldout_curve": {
+                    **{key: value for key, value in results["heldout_curve"].items() if key != "per_seed"},
+                    "per_seed": {str(seed): points for seed, points in results["heldout_curve"]["per_seed"].items()},
+                },
             },
             indent=2,
         )
@@ -388,9 +575,10 @@ def run_demo(settings: DemoSettings) -> Path:
     processes, logs, run_dirs = {}, {}, {}
     for seed in settings.rl_seeds:
         run_dirs[seed] = root / f"balcaprl_seed{seed}"
+        remove_checkpoints(run_dirs[seed])  # an earlier demo's checkpoints would make this run resume, not train
         recipe = write_recipe(
             root / "recipes" / f"balcaprl_seed{seed}.yaml",
-            rl_recipe(settings, train, sft_dir, run_dirs[seed], seed),
+            rl_recipe(settings, train, sft_dir, run_dirs[seed], seed, checkpoint_steps=checkpoint_interval(settings)),
             f"demo stage 2, seed {seed}",
         )
         logs[seed] = root / f"balcaprl_seed{seed}.log"
@@ -398,7 +586,7 @@ def run_demo(settings: DemoSettings) -> Path:
     wait_for(processes, logs, settings.rl_steps)
     timings["stage 2 (RL, all seeds)"] = time.monotonic() - stage_start
 
-    _log("4/5 evaluation on the held-out scenes (greedy captions)")
+    _log("4/5 evaluation on the held-out scenes (greedy captions), then the held-out curve from the checkpoints")
     stage_start = time.monotonic()
     test_rows = read_jsonl(test)
     corpus = corpus_references(load_caption_dataset(train))
@@ -408,13 +596,34 @@ def run_demo(settings: DemoSettings) -> Path:
         "test_references": [row["references"] for row in test_rows],
     }
     timings["evaluation"] = time.monotonic() - stage_start
+    stage_start = time.monotonic()
+    curve_rows = test_rows[: settings.curve_scenes]
+    curve_start = evaluate_model(sft_dir, curve_rows, corpus, settings.eval_batch_size)
+    checkpoint_megabytes = {
+        seed: sum(_folder_megabytes(folder) for folder in run_checkpoints(d).values()) for seed, d in run_dirs.items()
+    }
+    results["heldout_curve"] = {
+        "scenes": len(curve_rows),
+        "checkpoint_steps": checkpoint_interval(settings),
+        "checkpoint_megabytes": sum(checkpoint_megabytes.values()),
+        "checkpoints_kept": settings.keep_checkpoints,
+        "per_seed": {
+            seed: heldout_curve(d, curve_start, curve_rows, corpus, settings.eval_batch_size)
+            for seed, d in run_dirs.items()
+        },
+    }
+    if not settings.keep_checkpoints:  # the curve is all they were saved for
+        for run_dir in run_dirs.values():
+            remove_checkpoints(run_dir)
+    timings["held-out curve"] = time.monotonic() - stage_start
 
     _log("5/5 report")
     for seed, run_dir in run_dirs.items():  # the trainer state holds the reward curves
         state = run_dir / "trainer_state.json"
         if not state.is_file():
             raise RuntimeError(f"{state} is missing; the RL run of seed {seed} did not finish.")
-    plot_reward_curves(run_dirs, root / "reward_curves.png")
+    plot_reward_curves(run_dirs, root / "reward_curves.png", window=settings.smoothing_window)
+    plot_heldout_curve(results["heldout_curve"]["per_seed"], root / "heldout_curve.png", len(curve_rows))
     plot_before_after(results["sft"], [results["rl"][seed] for seed in settings.rl_seeds], root / "before_after.png")
     timings["total"] = time.monotonic() - started
     report = write_report(root, settings, results, timings)
@@ -430,9 +639,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = DemoSettings(output_dir=args.output_dir, seed=args.seed)
     if args.quick:
+        # 40 stage-1 steps: enough for captions in the world's words (nonzero rewards, so RL has a signal and its
+        # checkpoints differ), and shorter ones than a random model's, which makes the evaluations faster
         settings = DemoSettings(
-            output_dir=args.output_dir, seed=args.seed, train_scenes=64, test_scenes=16, sft_steps=4,
-            sft_batch_size=8, rl_steps=4, rl_seeds=(0, 1), eval_batch_size=16, samples_in_report=2,
+            output_dir=args.output_dir, seed=args.seed, train_scenes=64, test_scenes=16, sft_steps=40,
+            sft_batch_size=8, rl_steps=4, rl_learning_rate=1e-3, rl_seeds=(0, 1), eval_batch_size=16,
+            samples_in_report=2, curve_scenes=8, smoothing_window=2,
         )  # fmt: skip
     run_demo(settings)
 
