@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from balcaprl.claims import Interval, bootstrap_difference, bootstrap_value, seed_bootstrap, verdict
-from balcaprl.demo import WINDOW_TEXT
+from balcaprl.demo import WINDOW_TEXT, smooth
 from balcaprl.length import DEFAULT_WINDOW
 from balcaprl.reproduce import (
     ARMS_BY_NAME,
@@ -286,10 +286,6 @@ def compute_verdicts(
 
 
 # --------------------------------------------------------------------------------------------------------- plots
-
-
-def smooth(values: list[float], window: int) -> list[float]:  # TODO(merge): demo.smooth
-    return [float(np.mean(values[max(0, i - window + 1) : i + 1])) for i in range(len(values))]
 
 
 def _pyplot():
