@@ -116,7 +116,6 @@ EXPERIMENTS = {
     "balcap": "c-GDPO vs summed GRPO, world precision / recall / linguistic (arXiv 2605.07394)",
     "length": "length control with c-GDPO (BalCapRL ablation)",
 }
-TABLE_METRICS = ["cider_d", "b_capscore", "precision", "recall", "linguistic", "length_ratio", "masked_fraction"]
 EVALUATION_FILE = "evaluation.json"
 VALIDATION_FILE = "evaluation_validation.json"
 SUMMARY_FILE = "run_summary.json"
