@@ -211,6 +211,8 @@ def evaluate_run(model_dir: str, rows_file: str, corpus_file: str, batch_size: i
 
 @dataclass
 class Job:
+    """One RL run: its recipe and the scenes its final model is evaluated on."""
+
     key: str  # "<arm>_seed<k>" or "sweep_<name>_lr<lr>_seed<k>"
     recipe: dict[str, Any]
     rows_file: Path  # the scenes it is evaluated on (validation for the sweep, test otherwise)
@@ -234,7 +236,7 @@ class Runner:
     def submit(self, job: Job) -> concurrent.futures.Future:
         return self.threads.submit(self._run, job)
 
-    def _run(self, job: Job) -> dict:
+    def _run(self, job: Job) -> None:
         run_dir = Path(job.recipe["output_dir"])
         recipe = write_recipe(self.root / "recipes" / f"{job.key}.yaml", job.recipe, f"reproduce: {job.key}")
         log = self.root / "logs" / f"{job.key}.log"
@@ -272,6 +274,8 @@ def arm_recipe(
     seed: int,
     learning_rate: float | None,
 ) -> dict[str, Any]:
+    """The demo's RL recipe with an arm's overrides: G prompts' worth of samples per step, every step logged, no
+    wall-clock cap, and the learning rate a sweep chose (None: the demo's)."""
     recipe = {**rl_recipe(settings.base, train, sft_dir, run_dir, seed), **dict(arm_overrides)}
     recipe["per_device_train_batch_size"] = recipe["num_generations"] * settings.base.rl_prompts_per_step
     recipe["logging_steps"] = 1  # per-step curves: training-reward noise and smoothed curves need every step
@@ -386,8 +390,9 @@ def run_reproduce(settings: ReproduceSettings) -> Path:
     if missing:
         raise ValueError(f"Arms {sorted(set(settings.arms) & set(REUSED))} reuse the runs of {missing}: add them.")
     root = Path(settings.base.output_dir)
-    for stale in ("runs", "sweep", "logs", "recipes", SUMMARY_FILE):  # a rerun must not mix old runs into the tables
-        shutil.rmtree(root / stale, ignore_errors=True) if (root / stale).is_dir() else (root / stale).unlink(True)
+    for stale in ("runs", "sweep", "logs", "recipes"):  # a rerun must not mix old runs into the tables
+        shutil.rmtree(root / stale, ignore_errors=True)
+    (root / SUMMARY_FILE).unlink(missing_ok=True)
     (root / "logs").mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     _log("world data, tiny model, stage 1")
@@ -426,6 +431,7 @@ def run_reproduce(settings: ReproduceSettings) -> Path:
 
 
 def settings_from_dict(document: dict[str, Any]) -> ReproduceSettings:
+    """The settings a run recorded in its summary (JSON lists back to tuples)."""
     tuples = {key: tuple(value) for key, value in document.items() if isinstance(value, list)}
     base = DemoSettings(**{k: tuple(v) if k == "rl_seeds" else v for k, v in document["base"].items()})
     return ReproduceSettings(**{**document, **tuples, "base": base})

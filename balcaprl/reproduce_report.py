@@ -16,6 +16,7 @@ from balcaprl.length import DEFAULT_WINDOW
 from balcaprl.reproduce import (
     ARMS_BY_NAME,
     EXPERIMENTS,
+    LINGUISTIC_AS_JUDGED,
     REUSED,
     SCENE_COLUMNS,
     VALIDATION_FILE,
@@ -297,6 +298,11 @@ def _pyplot():
     return plt
 
 
+def rated(arm: str) -> bool:
+    """Whether the arm trains on linguistic as a judge's rating rather than the exact score."""
+    return LINGUISTIC_AS_JUDGED in dict(ARMS_BY_NAME[arm].overrides).get("reward_funcs", [])
+
+
 def plot_reward_curves(runs: dict, settings: ReproduceSettings, path: Path) -> Path:
     """Smoothed training curves per arm (mean over seeds), the raw per-step mean faint behind each."""
     plt = _pyplot()
@@ -316,15 +322,14 @@ def plot_reward_curves(runs: dict, settings: ReproduceSettings, path: Path) -> P
                     continue
                 steps = curves[0][0]
                 values = np.mean([values for _, values in curves], axis=0)
-                if key.endswith("world_linguistic/mean") and "judged" in arm:
-                    values = (values - 1) / 4  # a 1–5 rating on the [0, 1] scale of the others
+                if key.endswith("world_linguistic/mean") and rated(arm):
+                    low, high = LINGUISTIC_AS_JUDGED["rating_scale"]
+                    values = (values - low) / (high - low)  # a rating on the [0, 1] scale of the others
                 colour = f"C{index}"
                 axis.plot(steps, values, color=colour, alpha=0.2, linewidth=0.8)
                 axis.plot(steps, smooth(list(values), window), color=colour, label=ARMS_BY_NAME[arm].label)
             title = key.removeprefix("rewards/").removesuffix("/mean")
-            axis.set_title(
-                title + (" (1–5 ratings mapped to [0, 1])" if title == "world_linguistic" else ""), fontsize=9
-            )
+            axis.set_title(title + (" (ratings mapped to [0, 1])" if title == "world_linguistic" else ""), fontsize=9)
             axis.set_xlabel("step")
             axis.grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)
