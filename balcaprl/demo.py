@@ -227,26 +227,44 @@ def wait_for(
 # ----------------------------------------------------------------------------------------------------- evaluation
 
 
-def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], batch_size: int) -> dict[str, Any]:
-    """Greedy captions on the held-out rows and their exact scores (means), b-CapScore, CIDEr-D and lengths."""
-    from balcaprl.evaluate import harmonic_mean
+def score_scenes(model_path: Path, rows: list[dict], corpus: list[list[str]], batch_size: int) -> dict[str, list]:
+    """Greedy captions on ``rows`` and, per scene, the exact scores, CIDEr-D, the length ratio and whether it is
+    outside the length window (1.0) or not (0.0)."""
     from balcaprl.generation import generate_captions, load_for_generation
     from balcaprl.rewards import CiderD
     from balcaprl.rewards.world import score_caption
 
     model, processor = load_for_generation(model_path)
     captions = generate_captions(model, processor, [row["image"] for row in rows], batch_size=batch_size)
-    scores = [score_caption(caption, row["scene"]) for caption, row in zip(captions, rows)]
-    means = {name: statistics.fmean(score[name] for score in scores) for name in ("precision", "recall", "linguistic")}
     references = [row["references"] for row in rows]
+    scores = [score_caption(caption, row["scene"]) for caption, row in zip(captions, rows)]
     ratios = length_ratios(captions, references)
+    return {
+        "captions": captions,
+        "precision": [score["precision"] for score in scores],
+        "recall": [score["recall"] for score in scores],
+        "linguistic": [score["linguistic"] for score in scores],
+        "cider_d": [float(value) for value in CiderD(corpus).score(captions, references)],
+        "length_ratio": ratios.tolist(),
+        "outside_window": (~length_conditional_mask(ratios)).double().tolist(),
+    }
+
+
+def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], batch_size: int) -> dict[str, Any]:
+    """Greedy captions on the held-out rows and their exact scores (means), b-CapScore, CIDEr-D and lengths."""
+    import torch
+
+    from balcaprl.evaluate import harmonic_mean
+
+    scenes = score_scenes(model_path, rows, corpus, batch_size)
+    means = {name: statistics.fmean(scenes[name]) for name in ("precision", "recall", "linguistic")}
     return {
         **means,
         "b_capscore": harmonic_mean([means["precision"], means["recall"], means["linguistic"]]),
-        "cider_d": statistics.fmean(CiderD(corpus).score(captions, references)),
-        "length_ratio": float(ratios.mean()),
-        "masked_fraction": float((~length_conditional_mask(ratios)).double().mean()),
-        "captions": captions,
+        "cider_d": statistics.fmean(scenes["cider_d"]),
+        "length_ratio": float(torch.tensor(scenes["length_ratio"], dtype=torch.float64).mean()),
+        "masked_fraction": float(torch.tensor(scenes["outside_window"], dtype=torch.float64).mean()),
+        "captions": scenes["captions"],
     }
 
 

@@ -41,6 +41,7 @@ from balcaprl.demo import (
     prepare_world,
     rl_recipe,
     run_entry_point,
+    score_scenes,
     sft_recipe,
     write_recipe,
 )
@@ -180,28 +181,10 @@ def _worker_init() -> None:
 
 def evaluate_run(model_dir: str, rows_file: str, corpus_file: str, batch_size: int, output: str) -> dict:
     """Greedy captions of ``model_dir`` on the rows of ``rows_file`` and their per-scene scores -> ``output``."""
-    from balcaprl.generation import generate_captions, load_for_generation
-    from balcaprl.length import length_conditional_mask, length_ratios
-    from balcaprl.rewards import CiderD
-    from balcaprl.rewards.world import score_caption
     from balcaprl.world import read_jsonl
 
-    rows = read_jsonl(rows_file)
-    model, processor = load_for_generation(model_dir)
-    captions = generate_captions(model, processor, [row["image"] for row in rows], batch_size=batch_size)
-    references = [row["references"] for row in rows]
-    scores = [score_caption(caption, row["scene"]) for caption, row in zip(captions, rows)]
-    ratios = length_ratios(captions, references)
     corpus = json.loads(Path(corpus_file).read_text())
-    result = {
-        "captions": captions,
-        "precision": [score["precision"] for score in scores],
-        "recall": [score["recall"] for score in scores],
-        "linguistic": [score["linguistic"] for score in scores],
-        "cider_d": [float(value) for value in CiderD(corpus).score(captions, references)],
-        "length_ratio": ratios.tolist(),
-        "outside_window": (~length_conditional_mask(ratios)).double().tolist(),
-    }
+    result = score_scenes(Path(model_dir), read_jsonl(rows_file), corpus, batch_size)
     Path(output).write_text(json.dumps(result))
     return result
 
