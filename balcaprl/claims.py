@@ -90,7 +90,8 @@ def _arm_draws(arm: Columns, metric: str, weights: np.ndarray, rng: np.random.Ge
     return per_seed[picks, np.arange(draws)[:, None]].mean(axis=1)
 
 
-def _observed(arm: Columns, metric: str) -> float:
+def observed_value(arm: Columns, metric: str) -> float:
+    """The arm's ``metric`` on the data as observed (mean over seeds of the metric of per-seed column means)."""
     means = {column: np.asarray(values, dtype=np.float64).mean(axis=1) for column, values in arm.items()}
     return float(METRICS[metric](means).mean())
 
@@ -104,7 +105,7 @@ def bootstrap_value(arm: Columns, metric: str, draws: int = 4000, seed: int = 0)
     """The arm's ``metric`` (mean over seeds) with its interval over scenes and seeds."""
     _, num_scenes = _check(arm, "arm")
     rng = np.random.default_rng(seed)
-    return _interval(_observed(arm, metric), _arm_draws(arm, metric, _scene_weights(num_scenes, draws, rng), rng))
+    return _interval(observed_value(arm, metric), _arm_draws(arm, metric, _scene_weights(num_scenes, draws, rng), rng))
 
 
 def bootstrap_difference(first: Columns, second: Columns, metric: str, draws: int = 4000, seed: int = 0) -> Interval:
@@ -115,7 +116,7 @@ def bootstrap_difference(first: Columns, second: Columns, metric: str, draws: in
     rng = np.random.default_rng(seed)
     weights = _scene_weights(shape_first[1], draws, rng)
     differences = _arm_draws(first, metric, weights, rng) - _arm_draws(second, metric, weights, rng)
-    return _interval(_observed(first, metric) - _observed(second, metric), differences)
+    return _interval(observed_value(first, metric) - observed_value(second, metric), differences)
 
 
 def seed_bootstrap(

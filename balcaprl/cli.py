@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return reproduce(argv[1:])
     args = build_parser().parse_args(argv)
     from balcaprl.judge_guard import JudgeUnavailableError
-    from balcaprl.train import RecipeError
+    from balcaprl.train import RecipeError, end_process_group
 
     if args.command == "merge":
         from balcaprl.models import merge_adapter
@@ -98,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run(["--config", args.config, *args.overrides])
     except (RecipeError, JudgeUnavailableError) as error:
         sys.exit(f"balcaprl {args.command}: error: {error}")
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from balcaprl.claims import Interval, bootstrap_difference, bootstrap_value, seed_bootstrap, verdict
+from balcaprl.claims import (
+    Interval,
+    bootstrap_difference,
+    bootstrap_value,
+    observed_value,
+    seed_bootstrap,
+    verdict,
+)
 from balcaprl.demo import WINDOW_TEXT, smooth
 from balcaprl.length import DEFAULT_WINDOW
 from balcaprl.reproduce import (
@@ -448,7 +455,7 @@ def write_results(root: Path, settings: ReproduceSettings, sft: dict, runs: dict
         if not arms:
             continue
         lines += [f"## {title}", "", "Mean over seeds (± seed std for the unbracketed columns).", ""]
-        lines += _metric_table(arms, sft, values, per_seed, seeds, draws, experiment_column=False)
+        lines += _metric_table(arms, sft, values, per_seed, seeds, experiment_column=False)
         lines.append("")
         if experiment == "cider":
             stage1_validation = float(np.mean(json.loads((root / "sft" / VALIDATION_FILE).read_text())["cider_d"]))
@@ -503,7 +510,7 @@ def write_results(root: Path, settings: ReproduceSettings, sft: dict, runs: dict
     return path
 
 
-def _metric_table(arms: list[str], sft: dict, values: dict, per_seed: dict, seeds: tuple, draws: int,
+def _metric_table(arms: list[str], sft: dict, values: dict, per_seed: dict, seeds: tuple,
                   experiment_column: bool) -> list[str]:  # fmt: skip
     """Stage 1 and the arms: CIDEr-D and b-CapScore with intervals, the rest as mean ± seed std."""
     lead = "| experiment " if experiment_column else ""
@@ -513,7 +520,7 @@ def _metric_table(arms: list[str], sft: dict, values: dict, per_seed: dict, seed
         "|---" * (8 + experiment_column) + "|",
         ("| " if experiment_column else "")
         + f"| stage 1 (SFT) | {np.mean(sft['cider_d']):.3f} | "
-        + f"{bootstrap_value(stage1_columns(sft), 'b_capscore', draws).estimate:.3f} | "
+        + f"{observed_value(stage1_columns(sft), 'b_capscore'):.3f} | "
         + " | ".join(f"{np.mean(sft[c]):.3f}" for c in SCENE_COLUMNS if c != "cider_d")
         + " |",
     ]
@@ -551,7 +558,6 @@ def readme_section(settings: ReproduceSettings, sft: dict, values: dict, per_see
             values,
             per_seed,
             settings.seeds,
-            settings.bootstrap_draws,
             True,
         ),
     ]

@@ -25,6 +25,7 @@ from balcaprl.config import CaptionDataConfig, CaptionModelConfig
 from balcaprl.train import (
     RecipeError,
     check_before_weights,
+    end_process_group,
     load_family_and_processor,
     load_training_data,
     parse_config,
@@ -236,3 +237,4 @@ if __name__ == "__main__":
         main()
     except RecipeError as error:
         sys.exit(f"balcaprl: error: {error}")
+    end_process_group()

@@ -49,3 +49,22 @@ def test_two_processes_share_the_same_advantages(tiny_models, tmp_path, estimato
     # The logged metrics come from gathered tensors, so both processes report the same values.
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert all("length/masked_frac" in step for step in ranks[0]["metrics"])
+
+
+def test_end_process_group_destroys_the_default_group(tmp_path):
+    """What every launched entry point calls last: the gloo group is gone afterwards, and a second call is harmless."""
+    code = f"""
+import torch.distributed as dist
+from balcaprl.train import end_process_group
+end_process_group()  # no group yet: nothing to do
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+assert dist.is_initialized()
+end_process_group()
+assert not dist.is_initialized()
+end_process_group()
+print("destroyed")
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "destroyed"

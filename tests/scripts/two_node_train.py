@@ -12,6 +12,7 @@ import torch
 from transformers.trainer_utils import get_last_checkpoint
 
 from balcaprl.advantages import compute_advantages
+from balcaprl.train import end_process_group
 from tests.helpers import REWARDS_FOR_DISTRIBUTED, make_trainer
 
 
@@ -46,3 +47,4 @@ def main(model_path: str, output_dir: str, max_steps: str, tag: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_process_group()

@@ -8,6 +8,7 @@ import torch
 import vllm
 
 from balcaprl.advantages import compute_advantages
+from balcaprl.train import end_process_group
 from tests.helpers import REWARDS_FOR_DISTRIBUTED, make_trainer
 
 
@@ -46,3 +47,4 @@ def main(model_path: str, output_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    end_process_group()
