@@ -216,11 +216,12 @@ def print_parameter_breakdown(trainer, family: str) -> None:
 def end_process_group() -> None:
     """Destroy the default process group once a launched run has finished (call it on success only, as the last step).
 
-    Without it the process group outlives the script: gloo's worker threads then meet the interpreter's
-    finalisation and can abort a rank that trained and saved correctly (SIGABRT, "terminate called without an
-    active exception"; seen in CI on the two-process vLLM test), and NCCL warns that the group was never
-    destroyed. PyTorch's distributed docs ("Shutdown") ask for one destroy_process_group() per trainer process.
-    Not inside `main()`: accelerate's state outlives the group, so a second stage in the same process would fail.
+    PyTorch's distributed docs ("Shutdown") ask every trainer process for one destroy_process_group() near the end of
+    main(); NCCL otherwise warns that the group was never destroyed. What it does not do on CPU (measured): once
+    DistributedDataParallel has wrapped a model, the gloo group stays referenced and its worker threads survive the
+    call, so the rare abort of a finished gloo rank at interpreter exit seen in CI ("terminate called without an
+    active exception") is not ruled out by it. Not inside `main()`: accelerate's state outlives the group, so a
+    second stage in the same process would fail.
     """
     import torch.distributed as dist
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from balcaprl import sft, train
 from balcaprl.models import _plain_loading, resolve_model_path
-from balcaprl.train import end_process_group
+from tests.helpers import exit_launched_script
 
 
 def adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -119,4 +119,4 @@ def main(family: str, accelerate_backend: str, data: str, output_dir: str, estim
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_process_group()
+    exit_launched_script()

@@ -10,8 +10,7 @@ import sys
 import torch
 
 from balcaprl.advantages import compute_advantages
-from balcaprl.train import end_process_group
-from tests.helpers import REWARDS_FOR_DISTRIBUTED, make_trainer
+from tests.helpers import REWARDS_FOR_DISTRIBUTED, exit_launched_script, make_trainer
 
 
 def main(model_path: str, output_dir: str, estimator: str) -> None:
@@ -47,4 +46,4 @@ def main(model_path: str, output_dir: str, estimator: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_process_group()
+    exit_launched_script()

@@ -8,8 +8,7 @@ import torch
 import vllm
 
 from balcaprl.advantages import compute_advantages
-from balcaprl.train import end_process_group
-from tests.helpers import REWARDS_FOR_DISTRIBUTED, make_trainer
+from tests.helpers import REWARDS_FOR_DISTRIBUTED, exit_launched_script, make_trainer
 
 
 def main(model_path: str, output_dir: str) -> None:
@@ -47,4 +46,4 @@ def main(model_path: str, output_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
-    end_process_group()
+    exit_launched_script()
