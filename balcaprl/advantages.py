@@ -24,11 +24,56 @@ rounding up to advantages of ~±3 for groups that carry no signal at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-ESTIMATORS = ("c_gdpo", "gdpo", "grpo", "scst")
+
+@dataclass(frozen=True)
+class Estimator:
+    """One advantage estimator: its math and what the trainer and the config need to know about it.
+
+    compute: ``(rewards, num_generations, weights, eps, baseline_rewards) -> (advantages, unscorable)`` on float64
+        tensors; ``advantages`` (N,) may hold NaN, ``unscorable`` (N,) marks the rows that get advantage 0.
+    trl_aggregation: TRL's ``multi_objective_aggregation`` that computes the same advantages (kept in step so that
+        TRL's own diagnostics describe the same quantity).
+    scaling: how the estimator scales rewards, for the error a conflicting ``scale_rewards`` gets.
+    needs_baseline: it needs the rewards of each prompt's greedy caption (``baseline_rewards``).
+    per_reward_groups: it normalises each reward inside its group, so "no signal" means every reward constant in
+        the group (the trainer's ``frac_reward_zero_std``).
+    """
+
+    name: str
+    compute: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    trl_aggregation: str
+    scaling: str
+    needs_baseline: bool = False
+    per_reward_groups: bool = False
+
+
+ESTIMATORS: dict[str, Estimator] = {}
+
+
+def register_estimator(*names: str, trl_aggregation: str, scaling: str, **properties: bool):
+    """Register the decorated function under ``names`` (the first is its name, the others aliases)."""
+
+    def decorator(compute):
+        estimator = Estimator(names[0], compute, trl_aggregation, scaling, **properties)
+        for name in names:
+            if name in ESTIMATORS:
+                raise ValueError(f"advantage estimator {name!r} is registered twice")
+            ESTIMATORS[name] = estimator
+        return compute
+
+    return decorator
+
+
+def get_estimator(name: str) -> Estimator:
+    """The registered estimator ``name``; a `ValueError` listing the known names otherwise."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"Unknown advantage estimator {name!r}; choose one of {list(ESTIMATORS)}.")
+    return ESTIMATORS[name]
 
 
 def nanstd(values: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
@@ -66,9 +111,25 @@ def compute_advantages(
         weights: K reward weights (default all 1).
         eps: ε added to every standard deviation.
         baseline_rewards: (N, K) rewards of each row's greedy caption; required by ``"scst"`` only.
+
+    Example: one group of G = 4 captions, two rewards on different scales. Summed GRPO lets the larger scale decide
+    (captions 1 and 2 get opposite advantages only because reward 2 is ten times larger); c-GDPO z-scores each
+    reward inside the group first, so captions 1 and 2, each right on one reward, tie:
+
+    >>> import torch
+    >>> rewards = torch.tensor([[1.0, 0.0], [0.0, 10.0], [0.0, 0.0], [1.0, 10.0]])
+    >>> compute_advantages(rewards, 4, estimator="grpo")
+    tensor([-0.7755,  0.7755, -0.9479,  0.9479])
+    >>> compute_advantages(rewards, 4, estimator="c_gdpo").round(decimals=3)
+    tensor([-0.0000,  0.0000, -1.2250,  1.2250])
+
+    SCST: reward minus the reward of the prompt's greedy caption (repeated per sample), no scaling:
+
+    >>> greedy = torch.tensor([[0.5], [0.5]])
+    >>> compute_advantages(torch.tensor([[0.6], [0.4]]), 2, estimator="scst", baseline_rewards=greedy)
+    tensor([ 0.1000, -0.1000])
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"Unknown advantage estimator {estimator!r}; choose one of {list(ESTIMATORS)}.")
+    chosen = get_estimator(estimator)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must have shape (N, K), got {tuple(rewards.shape)}.")
     num_rows, num_rewards = rewards.shape
@@ -80,33 +141,56 @@ def compute_advantages(
     weights = torch.as_tensor(weights, device=rewards.device).double()
     if weights.shape != (num_rewards,):
         raise ValueError(f"weights must have {num_rewards} entries (one per reward), got {tuple(weights.shape)}.")
-    unscorable = torch.isnan(rewards).all(dim=1)
-
-    if estimator == "grpo":
-        total = _weighted_sum(rewards, weights)
-        total[unscorable] = torch.nan  # keep unscored rows out of the group baseline
-        grouped = total.view(-1, num_generations)
-        mean = torch.nanmean(grouped, dim=1, keepdim=True)
-        advantages = (grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + eps)
-    elif estimator in ("c_gdpo", "gdpo"):
-        grouped = rewards.view(-1, num_generations, num_rewards)
-        mean = torch.nanmean(grouped, dim=1, keepdim=True)
-        normalized = (grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + eps)  # GDPO Eq. 4
-        combined = _weighted_sum(normalized.view(num_rows, num_rewards), weights)  # GDPO Eq. 7
-        combined[unscorable] = torch.nan
-        advantages = (combined - torch.nanmean(combined)) / (nanstd(combined) + eps)  # GDPO Eq. 6
-    else:  # scst
-        if baseline_rewards is None or baseline_rewards.shape != rewards.shape:
-            shape = None if baseline_rewards is None else tuple(baseline_rewards.shape)
-            raise ValueError(f"scst needs baseline_rewards of shape {tuple(rewards.shape)}, got {shape}.")
-        # NaN wherever either side is unscored, so that the term drops out of the sum.
-        differences = rewards - baseline_rewards.to(rewards)
-        advantages = _weighted_sum(differences, weights)
-        unscorable = torch.isnan(differences).all(dim=1)
+    if chosen.needs_baseline and (baseline_rewards is None or baseline_rewards.shape != rewards.shape):
+        shape = None if baseline_rewards is None else tuple(baseline_rewards.shape)
+        raise ValueError(f"{estimator} needs baseline_rewards of shape {tuple(rewards.shape)}, got {shape}.")
+    advantages, unscorable = chosen.compute(rewards, num_generations, weights, eps, baseline_rewards)
 
     advantages = advantages.reshape(num_rows)
     advantages = torch.where(unscorable, torch.zeros_like(advantages), advantages)
     return torch.nan_to_num(advantages, nan=0.0, posinf=0.0, neginf=0.0).float()
+
+
+@register_estimator("grpo", trl_aggregation="sum_then_normalize", scaling="normalises by the group std")
+def _grpo(rewards, num_generations, weights, eps, baseline_rewards):
+    """r_i = Σ_k w_k r_ik,  A_i = (r_i − mean_group r) / (std_group r + ε)."""
+    unscorable = torch.isnan(rewards).all(dim=1)
+    total = _weighted_sum(rewards, weights)
+    total[unscorable] = torch.nan  # keep unscored rows out of the group baseline
+    grouped = total.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    return (grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + eps), unscorable
+
+
+@register_estimator(
+    "c_gdpo",
+    "gdpo",
+    trl_aggregation="normalize_then_sum",
+    scaling="z-scores each reward in its group, then the sum over the batch",
+    per_reward_groups=True,
+)
+def _c_gdpo(rewards, num_generations, weights, eps, baseline_rewards):
+    """z_ik per reward inside its group (GDPO Eq. 4), a_i = Σ_k w_k z_ik (Eq. 7), batch z-score of a (Eq. 6)."""
+    num_rows, num_rewards = rewards.shape
+    unscorable = torch.isnan(rewards).all(dim=1)
+    grouped = rewards.view(-1, num_generations, num_rewards)
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    normalized = (grouped - mean) / (nanstd(grouped, dim=1, keepdim=True) + eps)  # GDPO Eq. 4
+    combined = _weighted_sum(normalized.view(num_rows, num_rewards), weights)  # GDPO Eq. 7
+    combined[unscorable] = torch.nan
+    return (combined - torch.nanmean(combined)) / (nanstd(combined) + eps), unscorable  # GDPO Eq. 6
+
+
+@register_estimator(
+    "scst",
+    trl_aggregation="sum_then_normalize",
+    scaling="does not scale (reward minus the greedy caption's)",
+    needs_baseline=True,
+)
+def _scst(rewards, num_generations, weights, eps, baseline_rewards):
+    """A_i = Σ_k w_k (r_ik − b_ik), a term counting only where both sides are scored."""
+    differences = rewards - baseline_rewards.to(rewards)  # NaN wherever either side is unscored: the term drops out
+    return _weighted_sum(differences, weights), torch.isnan(differences).all(dim=1)
 
 
 def distinct_per_group(advantages: torch.Tensor, num_generations: int, decimals: int = 5) -> float:

@@ -62,27 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["evaluate"]:  # its own parser, --help included
-        from balcaprl.evaluate import main as evaluate
+        from balcaprl.evaluate.cli import main as evaluate
 
         sys.exit(evaluate(argv[1:]))
     if argv[:1] == ["preflight"]:  # its own parser; exit code 1 when any check fails
-        from balcaprl.preflight import main as preflight
+        from balcaprl.preflight.run import main as preflight
 
         sys.exit(preflight(argv[1:]))
     if argv[:1] == ["demo"]:
-        from balcaprl.demo import main as demo
+        from balcaprl.experiments.demo import main as demo
 
         return demo(argv[1:])
     if argv[:1] == ["reproduce"]:
-        from balcaprl.reproduce import main as reproduce
+        from balcaprl.experiments.reproduce import main as reproduce
 
         return reproduce(argv[1:])
     args = build_parser().parse_args(argv)
-    from balcaprl.judge_guard import JudgeUnavailableError
-    from balcaprl.train import RecipeError, end_process_group
+    from balcaprl.judge.guard import JudgeUnavailableError
+    from balcaprl.runtime import RecipeError, end_process_group
 
     if args.command == "merge":
-        from balcaprl.models import merge_adapter
+        from balcaprl.models.loading import merge_adapter
 
         try:
             output = merge_adapter(args.adapter_dir, args.output_dir, args.base_model, dtype=args.dtype)

@@ -9,23 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig, ModelConfig
+from trl import GRPOConfig, ModelConfig, SFTConfig
 
-from balcaprl.advantages import ESTIMATORS
-from balcaprl.data import BAD_IMAGE_POLICIES, DEFAULT_INSTRUCTION, FORMATS
-from balcaprl.judge import JudgeConfig
+from balcaprl.advantages import ESTIMATORS, get_estimator
+from balcaprl.data.constants import BAD_IMAGE_POLICIES, DEFAULT_INSTRUCTION, FORMATS, SFT_REFERENCE_MODES
+from balcaprl.judge.config import JudgeConfig
 from balcaprl.length import DEFAULT_WINDOW, LENGTH_UNITS
 
 LORA_PRESETS = ("language_model", "language_model_attention")
-
-# TRL's own aggregation that computes the same advantages as each estimator. `BalCapGRPOTrainer` replaces TRL's
-# advantages anyway; matching them keeps TRL's diagnostics (e.g. `frac_reward_zero_std`) about the same quantity.
-_TRL_AGGREGATION = {
-    "c_gdpo": "normalize_then_sum",
-    "gdpo": "normalize_then_sum",
-    "grpo": "sum_then_normalize",
-    "scst": "sum_then_normalize",
-}
 
 
 @dataclass
@@ -54,7 +45,7 @@ class BalCapConfig(GRPOConfig):
     max_train_seconds (`float`, *optional*):
         Stop training (cleanly, as at ``max_steps``) once this much wall-clock time has passed.
 
-    > Judge guard (`balcaprl.judge_guard`; the judge client's own keys are `balcaprl.judge.JudgeConfig`'s)
+    > Judge guard (`balcaprl.judge.guard`; the judge client's own keys are `balcaprl.judge.JudgeConfig`'s)
 
     judge_health_check (`bool`, defaults to `True`):
         Before training, and before any model weights load, send one real request per judge reward and fail at
@@ -130,7 +121,8 @@ class BalCapConfig(GRPOConfig):
             raise ValueError(f"judge_outage_wait_seconds must be >= 0, got {self.judge_outage_wait_seconds!r}.")
         # TRL settings the estimator decides: a value the user chose that the estimator would ignore is an error,
         # not a silent override (TRL's defaults, sum_then_normalize and group, are taken as "not chosen").
-        derived = _TRL_AGGREGATION[self.advantage_estimator]
+        estimator = get_estimator(self.advantage_estimator)
+        derived = estimator.trl_aggregation
         if self.multi_objective_aggregation not in (derived, "sum_then_normalize"):
             raise ValueError(
                 f"multi_objective_aggregation={self.multi_objective_aggregation!r} has no effect: "
@@ -140,13 +132,9 @@ class BalCapConfig(GRPOConfig):
         self.multi_objective_aggregation = derived
         super().__post_init__()
         if self.scale_rewards != "group":
-            what = {
-                "grpo": "normalises by the group std",
-                "scst": "does not scale (reward minus the greedy caption's)",
-            }.get(self.advantage_estimator, "z-scores each reward in its group, then the sum over the batch")
             raise ValueError(
                 f"scale_rewards={self.scale_rewards!r} has no effect: advantage_estimator="
-                f"{self.advantage_estimator!r} {what}. Leave scale_rewards at 'group'."
+                f"{self.advantage_estimator!r} {estimator.scaling}. Leave scale_rewards at 'group'."
             )
 
 
@@ -165,7 +153,7 @@ class CaptionModelConfig(ModelConfig):
         Qwen2.5-VL image resolution bounds passed to its processor.
 
     ``model_name_or_path`` may also be ``tiny:qwen2_5_vl`` or ``tiny:llava``: a random tiny model built offline
-    (`balcaprl.tiny`), for CPU smoke runs.
+    (`balcaprl.models.tiny`), for CPU smoke runs.
     """
 
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Keep the vision tower frozen."})
@@ -237,3 +225,28 @@ class RewardConfig(JudgeConfig):
         default_factory=lambda: ["precision", "recall", "linguistic"],
         metadata={"help": "Reward functions: registered names, dotted paths, or {name, weight, ...} mappings."},
     )
+
+
+@dataclass
+class CaptionSFTConfig(SFTConfig):
+    r"""TRL's `SFTConfig` plus how reference captions become training rows.
+
+    sft_references (`str`, defaults to `"all"`): `"all"`, one row per (image, reference) pair; `"random"`, one row
+        per image with one of its references.
+    max_train_seconds (`float`, *optional*): stop training cleanly once this much wall-clock time has passed.
+    """
+
+    sft_references: str = field(
+        default="all",
+        metadata={"help": "Rows per image: all references or one random.", "choices": list(SFT_REFERENCE_MODES)},
+    )
+    max_train_seconds: float | None = field(
+        default=None, metadata={"help": "Stop training cleanly after this many seconds of wall-clock time."}
+    )
+
+    def __post_init__(self):
+        if self.sft_references not in SFT_REFERENCE_MODES:
+            raise ValueError(
+                f"sft_references must be one of {list(SFT_REFERENCE_MODES)}, got {self.sft_references!r}."
+            )
+        super().__post_init__()

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from balcaprl.data import DEFAULT_INSTRUCTION
-from balcaprl.models import adapter_base, load_model, load_processor, resolve_model_path
+from balcaprl.data.constants import DEFAULT_INSTRUCTION
+from balcaprl.models.loading import load_model
+from balcaprl.models.paths import adapter_base, resolve_model_path
+from balcaprl.models.processors import load_processor
 
 logger = logging.getLogger(__name__)
 

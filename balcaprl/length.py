@@ -58,7 +58,11 @@ def length_ratios(
 def length_conditional_mask(
     ratios: torch.Tensor, low: float = DEFAULT_WINDOW[0], high: float = DEFAULT_WINDOW[1]
 ) -> torch.Tensor:
-    """True where low ≤ ρ ≤ high (the rewards are kept), False where they are masked."""
+    """True where low ≤ ρ ≤ high (the rewards are kept), False where they are masked.
+
+    >>> length_conditional_mask(torch.tensor([0.4, 0.5, 1.0, 2.0, 2.5]))
+    tensor([False,  True,  True,  True, False])
+    """
     if not low <= high:
         raise ValueError(f"The length window must have low <= high, got [{low}, {high}].")
     return (ratios >= low) & (ratios <= high)

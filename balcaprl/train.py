@@ -3,237 +3,30 @@
 The entry point `accelerate launch` runs (``balcaprl train CONFIG`` is the same from the console script). Any
 recipe key can be overridden on the command line (TRL's ``TrlParser``); unknown keys and bad values fail while
 parsing, before any data or model is loaded. Stages, top to bottom: parse → seed / checkpoint detection → data →
-rewards → processor (images resized once) → model → trainer → train → save. `balcaprl.sft` shares the helpers
-defined here.
+rewards → processor (images resized once) → model → trainer → train → save.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from balcaprl.config import BalCapConfig, CaptionDataConfig, CaptionModelConfig, RewardConfig
-
-logger = logging.getLogger("balcaprl")
-
-RL_CONFIG_TYPES = (CaptionDataConfig, RewardConfig, BalCapConfig, CaptionModelConfig)
-
-
-class RecipeError(ValueError):
-    """A recipe or command line that cannot run: unknown key, bad value, missing required key."""
-
-
-def parse_config(config_types: tuple, argv: Sequence[str] | None = None) -> tuple:
-    """Parse ``--config FILE`` plus command-line overrides into ``config_types`` instances (TRL's `TrlParser`).
-
-    Raises `RecipeError` naming the key for an unknown key or a bad value (argparse's own exit on an unknown
-    command-line flag is turned into the same error).
-    """
-    from trl import TrlParser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        index = argv.index("--config") + 1
-        if index >= len(argv) or not os.path.isfile(argv[index]):
-            raise RecipeError(f"--config needs an existing recipe file, got {argv[index : index + 1] or 'nothing'}.")
-    parser = TrlParser(config_types)
-    try:
-        *configs, remaining = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    except SystemExit as error:  # argparse exits on a bad value; keep its message (already printed) as the error
-        raise RecipeError(f"invalid command line {argv!r} (see the message above)") from error
-    except ValueError as error:  # a dataclass __post_init__ rejected a value; its message names the field
-        raise RecipeError(str(error)) from error
-    if remaining:
-        unknown = [item.lstrip("-") for item in remaining if item.startswith("--")] or remaining
-        raise RecipeError(
-            f"Unknown recipe key(s) {unknown}: not a field of {[c.__name__ for c in config_types]}. Check the "
-            "spelling, or see `balcaprl train --help`."
-        )
-    return tuple(configs)
-
-
-def apply_thread_settings() -> None:
-    """Honour ``OMP_NUM_THREADS`` (e.g. from a recipe's ``env:`` block) although torch was imported before it was set.
-
-    On small CPU machines one thread per process is often several times faster than the default (measured on a
-    2-core machine: 0.12 s vs 2.5 s per tiny RL step), so the CPU recipes set it.
-    """
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads and threads.isdigit() and int(threads) > 0:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
-def time_limit_callbacks(training_args) -> list:
-    """A callback stopping training after ``max_train_seconds`` (none when unset)."""
-    if not getattr(training_args, "max_train_seconds", None):
-        return []
-    import time
-
-    import torch
-    from transformers import TrainerCallback
-
-    class StopAfterSeconds(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.deadline = time.monotonic() + training_args.max_train_seconds
-
-        def on_step_end(self, args, state, control, **kwargs):
-            import torch.distributed as dist
-
-            stop = torch.tensor([float(time.monotonic() >= self.deadline)], device=args.device)
-            if dist.is_available() and dist.is_initialized():
-                dist.broadcast(stop, src=0)  # every process must stop at the same step, or collectives hang
-            if stop.item():
-                logger.info("max_train_seconds reached at step %d; stopping.", state.global_step)
-                control.should_training_stop = True
-
-    return [StopAfterSeconds()]
-
-
-def require(value, key: str) -> None:
-    if value in (None, ""):
-        raise RecipeError(f"The recipe must set {key!r}.")
-
-
-def last_checkpoint(training_args) -> str | None:
-    """The checkpoint to resume from: ``resume_from_checkpoint`` if given, else the newest in ``output_dir``."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir):
-        return get_last_checkpoint(training_args.output_dir)
-    return None
-
-
-def build_reward_funcs(reward_args: RewardConfig, training_args, corpus_references=None) -> list:
-    """Reward functions of the recipe; weights given in the specs fill ``training_args.reward_weights``."""
-    from balcaprl.rewards import get_reward_funcs, get_reward_weights
-
-    specs = reward_args.reward_funcs
-    try:
-        funcs = get_reward_funcs(
-            specs,
-            **reward_args.judge_context(),
-            reference_column=training_args.reference_column,
-            corpus_references=corpus_references,
-        )
-    except ValueError as error:
-        raise RecipeError(f"reward_funcs: {error}") from error
-    weights = get_reward_weights(specs)
-    if training_args.reward_weights is None:
-        training_args.reward_weights = weights
-    elif any(isinstance(spec, dict) and "weight" in spec for spec in specs):
-        raise RecipeError("Give reward weights either in reward_funcs entries or in reward_weights, not both.")
-    return funcs
-
-
-def load_training_data(data_args: CaptionDataConfig, seed: int):
-    """(train, eval or None) datasets of rows {prompt, image, references, ...}."""
-    from balcaprl.data import load_caption_dataset
-
-    def load(split: str, max_samples: int | None):
-        return load_caption_dataset(
-            data_args.dataset,
-            format=data_args.dataset_format,
-            split=split,
-            image_root=data_args.image_root,
-            image_column=data_args.image_column,
-            caption_column=data_args.caption_column,
-            instruction=data_args.instruction,
-            max_samples=max_samples,
-            on_bad_image=data_args.on_bad_image,
-            seed=seed,
-            restval_as_train=data_args.restval_as_train,
-            hf_config_name=data_args.hf_config_name,
-        )
-
-    try:
-        train = load(data_args.dataset_split, data_args.max_train_samples)
-        evaluation = load(data_args.eval_split, data_args.max_eval_samples) if data_args.eval_split else None
-    except (FileNotFoundError, ValueError) as error:  # the loader's messages name the file, row and key
-        raise RecipeError(f"dataset {data_args.dataset!r}: {error}") from error
-    return train, evaluation
-
-
-def prepare_run(training_args) -> str | None:
-    """Seed, threads and logging of a run; returns the checkpoint to resume from (open-r1 style), if any."""
-    import transformers
-    from transformers import set_seed
-
-    set_seed(training_args.seed)
-    apply_thread_settings()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
-    checkpoint = last_checkpoint(training_args)
-    if checkpoint is not None:
-        logger.info("Resuming from %s", checkpoint)
-    return checkpoint
-
-
-def load_family_and_processor(model_args) -> tuple[str, object]:
-    """(family, processor) of the recipe's model, with the image resolution as configured (no weights loaded)."""
-    from balcaprl.models import load_processor, model_family, resolve_model_path
-
-    model_args.model_name_or_path = resolve_model_path(model_args.model_name_or_path)
-    family = model_family(model_args.model_name_or_path)
-    pixels = {key: getattr(model_args, key) for key in ("min_pixels", "max_pixels") if getattr(model_args, key)}
-    return family, load_processor(model_args.model_name_or_path, **pixels)
-
-
-def check_vllm_image_bounds(model_args, image_resize) -> None:
-    """vLLM must not resize the data path's images again: the recipe's pixel bounds lie within the checkpoint's.
-
-    TRL hands vLLM the raw image beside the trainer's already expanded prompt, and vLLM processes images with the
-    checkpoint's own image-processor bounds. An image resized within bounds that those contain keeps its size, so both
-    count the same image tokens; outside them, vLLM would resize it again and its count would not match the prompt.
-    """
-    from balcaprl.models import checkpoint_pixel_bounds
-
-    bounds = checkpoint_pixel_bounds(model_args.model_name_or_path) if image_resize is not None else None
-    if bounds is None:
-        return
-    low, high = bounds
-    if not low <= image_resize.min_pixels <= image_resize.max_pixels <= high:
-        raise RecipeError(
-            f"min_pixels={image_resize.min_pixels} / max_pixels={image_resize.max_pixels} reach outside the "
-            f"checkpoint's own image bounds [{low}, {high}], which vLLM uses: it would resize the images again and "
-            "count other image tokens than the trainer. Keep min_pixels and max_pixels within them."
-        )
-
-
-def print_parameter_breakdown(trainer, family: str) -> None:
-    from balcaprl.models import format_parameter_breakdown, parameter_breakdown
-
-    if trainer.accelerator.is_main_process:
-        breakdown = format_parameter_breakdown(parameter_breakdown(trainer.model, family))
-        print(f"Trainable parameters ({family}):\n{breakdown}")
-
-
-def end_process_group() -> None:
-    """Destroy the default process group once a launched run has finished (call it on success only, as the last step).
-
-    PyTorch's distributed docs ("Shutdown") ask every trainer process for one destroy_process_group() near the end of
-    main(); NCCL otherwise warns that the group was never destroyed. What it does not do on CPU (measured): once
-    DistributedDataParallel has wrapped a model, the gloo group stays referenced and its worker threads survive the
-    call, so the rare abort of a finished gloo rank at interpreter exit seen in CI ("terminate called without an
-    active exception") is not ruled out by it. Not inside `main()`: accelerate's state outlives the group, so a
-    second stage in the same process would fail.
-    """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def check_before_weights(data_args, training_args, model_args) -> None:
-    """`balcaprl.preflight.check_before_weights` (imported late: preflight imports this module)."""
-    from balcaprl.preflight import check_before_weights as check
-
-    check(data_args, training_args, model_args)
+from balcaprl.preflight.run import check_before_weights
+from balcaprl.runtime import (
+    RL_CONFIG_TYPES,
+    RecipeError,
+    build_reward_funcs,
+    check_vllm_image_bounds,
+    end_process_group,
+    load_family_and_processor,
+    load_training_data,
+    parse_config,
+    prepare_run,
+    print_parameter_breakdown,
+    require,
+    time_limit_callbacks,
+)
 
 
 def main(argv: Sequence[str] | None = None):
@@ -245,10 +38,12 @@ def main(argv: Sequence[str] | None = None):
     # packages, output folder, token budget (balcaprl.preflight): one error listing every problem, before loading
     check_before_weights(data_args, training_args, model_args)
 
-    from balcaprl.data import corpus_references, resize_images
-    from balcaprl.judge_guard import check_judges, judge_guard_callbacks
-    from balcaprl.models import image_resize_for, load_policy, peft_config
-    from balcaprl.trainer import BalCapGRPOTrainer
+    from balcaprl.data.images import resize_images
+    from balcaprl.data.loading import corpus_references
+    from balcaprl.judge.guard import check_judges, judge_guard_callbacks
+    from balcaprl.models.loading import load_policy, peft_config
+    from balcaprl.models.processors import image_resize_for
+    from balcaprl.trainer.grpo import BalCapGRPOTrainer
 
     # 2. seed, threads, logging, checkpoint detection (resume from the newest checkpoint in output_dir)
     checkpoint = prepare_run(training_args)
@@ -300,7 +95,7 @@ def main(argv: Sequence[str] | None = None):
 
 
 if __name__ == "__main__":
-    from balcaprl.judge_guard import JudgeUnavailableError
+    from balcaprl.judge.guard import JudgeUnavailableError
 
     try:
         main()

@@ -32,7 +32,7 @@ from typing import Any
 
 from PIL import Image
 
-from balcaprl.judge import JudgeClient
+from balcaprl.judge.client import JudgeClient
 from balcaprl.rewards.judged import LinguisticReward, PrecisionReward, RecallReward
 from tests.judge_servers import photo
 from tests.loopback_server import loopback_server_process, prompt_text

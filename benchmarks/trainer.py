@@ -32,9 +32,10 @@ def _step_times(trainer_kind: str, model_path: Path, output_dir: Path, steps: in
     from trl import GRPOConfig, GRPOTrainer
 
     from balcaprl.config import BalCapConfig
-    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
-    from balcaprl.tiny import tiny_caption_rows
-    from balcaprl.trainer import BalCapGRPOTrainer
+    from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+    from balcaprl.models.processors import load_processor
+    from balcaprl.models.tiny import tiny_caption_rows
+    from balcaprl.trainer.grpo import BalCapGRPOTrainer
 
     common = dict(
         output_dir=str(output_dir),
@@ -84,7 +85,7 @@ def bench_trainer(rounds: int = 6, steps: int = 20, warmup: int = 3) -> dict[str
     torch.set_num_threads(1)
     times = {"trl": [], "balcap": []}
     with tempfile.TemporaryDirectory() as tmp:
-        from balcaprl.tiny import build_tiny_model
+        from balcaprl.models.tiny import build_tiny_model
 
         model_path = build_tiny_model("qwen2_5_vl", Path(tmp) / "model")
         for round_index in range(rounds):

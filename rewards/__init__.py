@@ -16,13 +16,18 @@ Built-ins, by registered name (see `get_reward_funcs`):
 
 from __future__ import annotations
 
-import importlib
+if __name__ != "balcaprl.rewards":  # e.g. `import rewards` from the repository root: a second copy of every registry
+    raise ImportError(
+        f"The reward functions are the package balcaprl.rewards; import them under that name, not as {__name__!r}."
+    )
+
+import importlib  # noqa: E402
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from balcaprl.completions import completion_text
-from balcaprl.judge import RECIPE_KEYS
+from balcaprl.judge.config import RECIPE_KEYS
 from balcaprl.rewards.cider import CiderD, CiderDReward, cider_d
 
 __all__ = [
@@ -43,7 +48,7 @@ __all__ = [
 
 def _judge(context: dict[str, Any], clients: dict):
     """One `JudgeClient` per distinct judge configuration, shared by the rewards that use it."""
-    from balcaprl.judge import JudgeClient
+    from balcaprl.judge.client import JudgeClient
 
     settings = {key: context.get(key) for key in RECIPE_KEYS}
     identity = tuple(sorted((key, repr(value)) for key, value in settings.items()))

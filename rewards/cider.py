@@ -196,6 +196,10 @@ class CiderD:
         """CIDEr-D of ``candidates[i]`` against its own ``references[i]`` (a list of captions or one string).
 
         An empty candidate scores 0. References need not belong to the corpus: their n-grams take df from it.
+
+        >>> references = [["a red circle", "a red circle on the left"], ["a blue square", "one blue square"]]
+        >>> [round(score, 4) for score in CiderD(references).score(["a red circle", "a blue circle"], references)]
+        [5.6969, 1.7603]
         """
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists.")

@@ -39,7 +39,7 @@ from importlib import resources
 from typing import Any
 
 from balcaprl.completions import completion_text
-from balcaprl.judge import JudgeClient
+from balcaprl.judge.client import JudgeClient
 
 PROMPT_SETS: dict[str, dict[str, str]] = {
     "v1": {"precision": "v1", "recall_decompose": "v1", "recall_verify": "v1", "linguistic": "v1"},

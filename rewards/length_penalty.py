@@ -11,7 +11,14 @@ from balcaprl.length import length_ratios
 
 
 class LengthPenalty:
-    """TRL reward function ``length_penalty(prompts, completions, references, **kwargs)``."""
+    """TRL reward function ``length_penalty(prompts, completions, references, **kwargs)``: −scale · |ρ − 1|.
+
+    >>> penalty = LengthPenalty()
+    >>> captions = ["a red circle", "a big red circle on the far left side"]
+    >>> completions = [[{"role": "assistant", "content": text}] for text in captions]
+    >>> penalty(prompts=None, completions=completions, references=[["one red circle"]] * 2)
+    [-0.0, -2.0]
+    """
 
     def __init__(self, scale: float = 1.0, reference_column: str = "references"):
         if scale < 0:

@@ -34,7 +34,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from balcaprl.completions import completion_text
-from balcaprl.world import FACT_KINDS, Fact, ParsedCaption, Scene, parse_caption
+from balcaprl.world.captions import ParsedCaption, parse_caption
+from balcaprl.world.scene import FACT_KINDS, Fact, Scene
 
 __all__ = [
     "WorldLinguistic",
@@ -227,7 +228,7 @@ class WorldLinguistic(_WorldReward):
 
     ``rating_scale=(low, high)`` reports L the way a judge would, as an integer rating on that scale
     (`rate_on_scale`; e.g. ``(1, 5)``), to study advantage estimators on rewards of different scale and resolution
-    (`balcaprl.reproduce`); the default is the continuous L.
+    (`balcaprl.experiments.reproduce`); the default is the continuous L.
     """
 
     name = "world_linguistic"

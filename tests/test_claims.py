@@ -1,9 +1,11 @@
-"""The bootstrap and verdicts of `make reproduce` (balcaprl.claims): hand-computed cases and a coverage check."""
+"""The bootstrap and verdicts of `make reproduce` (balcaprl.experiments.claims): hand-computed cases and a coverage
+check."""
 
 import numpy as np
 import pytest
 
-from balcaprl.claims import (
+from balcaprl.evaluate import harmonic_mean
+from balcaprl.experiments.claims import (
     Interval,
     bootstrap_difference,
     bootstrap_value,
@@ -11,7 +13,6 @@ from balcaprl.claims import (
     seed_bootstrap,
     verdict,
 )
-from balcaprl.evaluate import harmonic_mean
 
 
 def arm(precision, recall=None, linguistic=None, cider=None):

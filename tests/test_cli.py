@@ -24,7 +24,7 @@ def run_cli(*args, cwd=REPO, timeout=600, check=True):
 
 @pytest.fixture(scope="module")
 def world_jsonl(tmp_path_factory):
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     folder = tmp_path_factory.mktemp("world") / "train"
     write_jsonl(make_split("train", 24, seed=0), folder)

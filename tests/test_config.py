@@ -57,8 +57,8 @@ class TestTrainerValidation:
     def test_trainer_needs_a_balcap_config(self, tiny_models, tmp_path):
         from trl import GRPOConfig
 
-        from balcaprl.models import load_processor
-        from balcaprl.trainer import BalCapGRPOTrainer
+        from balcaprl.models.processors import load_processor
+        from balcaprl.trainer.grpo import BalCapGRPOTrainer
         from tests.helpers import toy_dataset
 
         args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", num_generations=2)
@@ -77,7 +77,7 @@ def test_every_judge_client_argument_is_a_recipe_key_and_back():
     from dataclasses import fields
 
     from balcaprl.config import RewardConfig
-    from balcaprl.judge import JudgeClient
+    from balcaprl.judge.client import JudgeClient
 
     client_arguments = set(inspect.signature(JudgeClient.__init__).parameters) - {"self"}
     recipe_keys = {item.name for item in fields(RewardConfig) if item.name.startswith("judge_")}
@@ -88,7 +88,7 @@ def test_a_recipe_with_every_judge_key_reaches_the_client(tmp_path):
     import yaml
 
     from balcaprl.rewards import get_reward_funcs
-    from balcaprl.train import RL_CONFIG_TYPES, parse_config
+    from balcaprl.runtime import RL_CONFIG_TYPES, parse_config
 
     judge_keys = {
         "judge_base_url": "http://127.0.0.1:9/v1",
@@ -112,3 +112,15 @@ def test_a_recipe_with_every_judge_key_reaches_the_client(tmp_path):
     for key, value in judge_keys.items():
         got = getattr(recall.judge, key.removeprefix("judge_"))
         assert str(got) == str(value) if key == "judge_cache_dir" else got == value, key
+
+
+@pytest.mark.parametrize("stage", ["rl", "sft"])
+def test_help_lists_the_recipe_keys_and_exits_cleanly(stage, capsys):
+    from balcaprl.runtime import RL_CONFIG_TYPES, SFT_CONFIG_TYPES, RecipeError, parse_config
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(RL_CONFIG_TYPES if stage == "rl" else SFT_CONFIG_TYPES, ["--help"])
+    assert exit_info.value.code == 0
+    assert "--model_name_or_path" in capsys.readouterr().out
+    with pytest.raises(RecipeError, match="invalid command line"):  # a bad value is still a recipe error
+        parse_config(RL_CONFIG_TYPES, ["--advantage_estimator"])

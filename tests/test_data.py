@@ -12,13 +12,9 @@ from datasets import Dataset, DatasetDict
 from PIL import Image
 from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
-from balcaprl.data import (
-    corpus_references,
-    load_caption_dataset,
-    load_caption_dataset_with_report,
-    to_sft,
-)
-from balcaprl.models import load_processor
+from balcaprl.data.loading import corpus_references, load_caption_dataset, load_caption_dataset_with_report
+from balcaprl.data.sft import to_sft
+from balcaprl.models.processors import load_processor
 
 INSTRUCTION = "Describe this image in detail."
 SIDE = 56  # the tiny Qwen2.5-VL processor's image size: 4 image tokens

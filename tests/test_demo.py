@@ -1,4 +1,4 @@
-"""The demo pipeline end to end, with a tiny budget (the full budget is measured in the README)."""
+"""The demo pipeline end to end, with a tiny budget (the full budget is measured in docs/demo.md)."""
 
 import json
 import os
@@ -25,7 +25,7 @@ def test_generate_captions_greedy_is_deterministic_and_batch_independent(tiny_mo
 
 
 def test_smooth_is_a_trailing_moving_average():
-    from balcaprl.demo import smooth
+    from balcaprl.experiments.demo_report import smooth
 
     # element i averages the last `window` values up to i (fewer at the start), by hand:
     # window 3: 1, (1+2)/2, (1+2+3)/3, (2+3+4)/3, (3+4+5)/3 ; window 2 on 4, 0, 2, 8: 4, (4+0)/2, (0+2)/2, (2+8)/2
@@ -52,7 +52,7 @@ def quick_demo(tmp_path_factory):
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_report(quick_demo):
-    from balcaprl.demo import RL_LOGGING_STEPS
+    from balcaprl.experiments.demo import RL_LOGGING_STEPS
 
     tmp_path, result = quick_demo
     report = (tmp_path / "report.md").read_text()
@@ -79,9 +79,9 @@ def test_quick_demo_writes_the_report(quick_demo):
 
 @pytest.mark.slow
 def test_quick_demo_heldout_curve_is_scored_from_the_rl_checkpoints(quick_demo):
-    from balcaprl.data import corpus_references, load_caption_dataset
-    from balcaprl.demo import CURVE_METRICS, evaluate_model
-    from balcaprl.world import read_jsonl
+    from balcaprl.data.loading import corpus_references, load_caption_dataset
+    from balcaprl.experiments.demo import CURVE_METRICS, evaluate_model
+    from balcaprl.world.splits import read_jsonl
 
     tmp_path, _ = quick_demo
     curve = json.loads((tmp_path / "results.json").read_text())["heldout_curve"]

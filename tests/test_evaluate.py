@@ -16,18 +16,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from balcaprl.evaluate import (
-    close_meteor,
-    compare_reports,
-    evaluate_captions,
-    harmonic_mean,
-    java_available,
-    load_captions,
-    load_questions,
-    ptb_tokenize,
-)
+from balcaprl.evaluate import compare_reports, evaluate_captions, harmonic_mean, load_captions, load_questions
 from balcaprl.evaluate import main as evaluate_main
-from balcaprl.judge import JudgeClient
+from balcaprl.evaluate.classic import close_meteor, java_available, ptb_tokenize
+from balcaprl.judge.client import JudgeClient
 from tests.loopback_server import prompt_text
 
 REPOSITORY = Path(__file__).resolve().parents[1]

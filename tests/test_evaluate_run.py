@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from balcaprl import world
-from balcaprl.evaluate import close_meteor, harmonic_mean, java_available
+from balcaprl.evaluate import harmonic_mean
 from balcaprl.evaluate import main as evaluate_main
+from balcaprl.evaluate.classic import close_meteor, java_available
 from balcaprl.generation import dataset_rows, read_caption_file
 from balcaprl.rewards.world import score_caption
 
@@ -253,7 +254,7 @@ def test_read_caption_file_drops_only_a_half_written_last_line(tmp_path):
 
 def test_dataset_rows_of_a_dataset_with_image_bytes_and_image_ids():
     """A Hugging Face dataset storing images as bytes: ids from `image_id`, bytes only on request, extra columns."""
-    from balcaprl.data import load_caption_dataset
+    from balcaprl.data.loading import load_caption_dataset
 
     scenes = world.make_split("test", 3, seed=1)
     stored = world.to_dataset(scenes, image_size=32).add_column("image_id", [30, 10, 20])

@@ -1,4 +1,5 @@
-"""`make gpu-smoke` (balcaprl.gpu_smoke) as far as a machine without a GPU can check it: the no-CUDA exit, the
+"""`make gpu-smoke` (balcaprl.experiments.gpu_smoke) as far as a machine without a GPU can check it: the no-CUDA exit,
+the
 argument parsing, and a plan whose every stage is a recipe the real parsers accept, launched with ZeRO-2 and vLLM."""
 
 import json
@@ -9,9 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balcaprl import gpu_smoke
-from balcaprl.sft import SFT_CONFIG_TYPES
-from balcaprl.train import RL_CONFIG_TYPES, parse_config
+from balcaprl.experiments import gpu_smoke
+from balcaprl.runtime import RL_CONFIG_TYPES, SFT_CONFIG_TYPES, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,9 @@ def make_plan(tmp_path, *argv):
 
 def test_without_cuda_it_says_so_and_exits_0():
     assert gpu_smoke.cuda_devices() == 0  # this machine has no GPU; the test is about that case
-    result = subprocess.run([sys.executable, "-m", "balcaprl.gpu_smoke"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "balcaprl.experiments.gpu_smoke"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no CUDA device" in result.stdout and 'pip install "balcaprl[gpu]"' in result.stdout
 
@@ -38,7 +40,7 @@ def test_arguments_are_parsed_and_checked():
 
 
 def test_dry_run_prints_the_plan(tmp_path):
-    command = [sys.executable, "-m", "balcaprl.gpu_smoke", "--dry-run", "--output-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "balcaprl.experiments.gpu_smoke", "--dry-run", "--output-dir", str(tmp_path)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "8 launches, 2 steps each" in result.stdout

@@ -15,11 +15,13 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from balcaprl.data import ImageResize, load_caption_dataset
-from balcaprl.models import checkpoint_pixel_bounds, image_resize_for, load_processor
-from balcaprl.train import RecipeError, check_vllm_image_bounds
+from balcaprl.data.images import ImageResize
+from balcaprl.data.loading import load_caption_dataset
+from balcaprl.models.processors import checkpoint_pixel_bounds, image_resize_for, load_processor
+from balcaprl.runtime import RecipeError, check_vllm_image_bounds
+from tests.paths import REFERENCE_MODELS
 
-REFERENCE_QWEN = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference-models" / "qwen2_5_vl_7b_instruct"
+REFERENCE_QWEN = REFERENCE_MODELS / "qwen2_5_vl_7b_instruct"
 # The bounds of the shipped Qwen2.5-VL recipes: 256 … 1280 image tokens of 28 x 28 pixels.
 RECIPE_BOUNDS = {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28}
 # (width, height): square, COCO-like landscape and portrait, a 3:2 photo, a 12 MP photo, a small icon, a strip.
@@ -29,8 +31,6 @@ SIZES = [(336, 336), (640, 480), (480, 640), (2250, 1500), (4000, 3000), (40, 30
 @pytest.fixture(scope="module")
 def checkpoint_image_processor():
     """The image processor vLLM would build for Qwen2.5-VL-7B-Instruct: its published preprocessor config."""
-    if not REFERENCE_QWEN.is_dir():
-        pytest.skip(f"{REFERENCE_QWEN} (the real model interface files) is not present")
     config = json.loads((REFERENCE_QWEN / "preprocessor_config.json").read_text())
     return Qwen2VLImageProcessorPil(**{key: value for key, value in config.items() if not key.endswith("_type")})
 

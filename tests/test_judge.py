@@ -19,9 +19,11 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from balcaprl.data import ImageResize
-from balcaprl.judge import JudgeClient, extract_json_object, image_message_part, image_to_data_url
-from balcaprl.judge_images import DEFAULT_MAX_PIXELS, ImageEncoder, budget_size
+from balcaprl.data.images import ImageResize
+from balcaprl.judge.client import JudgeClient
+from balcaprl.judge.config import DEFAULT_MAX_PIXELS
+from balcaprl.judge.images import ImageEncoder, budget_size
+from balcaprl.judge.messages import extract_json_object, image_message_part, image_to_data_url
 from benchmarks.judge import format_judge_step, judge_step, judge_throughput
 from tests.judge_servers import FAULTS, FaultInjectingServer, body_bytes, free_port, photo
 from tests.loopback_server import prompt_text

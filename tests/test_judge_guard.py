@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from transformers import TrainerCallback
 
-from balcaprl.judge_guard import JudgeFailureBudget, JudgeUnavailableError, check_judges, judge_guard_callbacks
+from balcaprl.judge.guard import JudgeFailureBudget, JudgeUnavailableError, check_judges, judge_guard_callbacks
 from balcaprl.rewards import get_reward_funcs
 from tests.helpers import make_config, make_trainer, mentions_colour, toy_dataset
 from tests.judge_servers import FaultInjectingServer, ScriptedJudge, free_port
@@ -68,7 +68,7 @@ class TestHealthCheck:
 
     def test_judge_down_at_start_fails_before_loading_weights(self, tmp_path):
         """Through the console script, as a user runs it: a one-line error, no model touched, nothing written."""
-        from balcaprl.world import make_split, write_jsonl
+        from balcaprl.world.splits import make_split, write_jsonl
 
         write_jsonl(make_split("train", 4, seed=0), tmp_path / "data")
         url = f"http://127.0.0.1:{free_port()}/v1"

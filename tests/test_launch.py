@@ -18,7 +18,7 @@ DEMO = "recipes/demo/qwen2_5_vl_balcaprl.yaml"
 
 @pytest.fixture(scope="module")
 def world_jsonl(tmp_path_factory):
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     folder = tmp_path_factory.mktemp("world") / "train"
     write_jsonl(make_split("train", 24, seed=0), folder)

@@ -18,7 +18,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def world_jsonl(tmp_path_factory):
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     folder = tmp_path_factory.mktemp("world") / "train"
     write_jsonl(make_split("train", 16, seed=0), folder)

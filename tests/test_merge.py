@@ -10,7 +10,9 @@ from transformers import AutoModelForImageTextToText
 
 from balcaprl.cli import main as balcaprl
 from balcaprl.generation import load_for_generation
-from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_model, load_processor, model_family
+from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS, load_model
+from balcaprl.models.paths import model_family
+from balcaprl.models.processors import load_processor
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +67,7 @@ def test_merge_of_an_adapter_whose_base_is_elsewhere(tiny_models, tmp_path, monk
     assert (tmp_path / "out" / "config.json").is_file()
     # `balcaprl evaluate --base-model` on the adapter folder writes its report
     from balcaprl.evaluate import main as evaluate
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     monkeypatch.delenv("BALCAPRL_ADAPTER_BASE", raising=False)
     data = write_jsonl(make_split("test", 2, seed=0), tmp_path / "data")
@@ -86,7 +88,7 @@ def test_rl_starts_from_an_adapter_folder(tiny_models, tmp_path):
     # `balcaprl train` chained from a LoRA RL output (an adapter folder, no config.json): the adapter is merged into
     # its base on load and a new adapter trains on top.
     from balcaprl.train import main as train
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     base = str(tiny_models["qwen2_5_vl"])
     save_random_adapter(base, tmp_path / "adapter")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from balcaprl.models import adapter_base, model_family
+from balcaprl.models.paths import adapter_base, model_family
 
 
 def test_an_adapter_folder_has_its_base_family(tiny_models, tmp_path, monkeypatch):

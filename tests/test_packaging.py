@@ -24,11 +24,17 @@ def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("balcaprl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"balcaprl/evaluate/__init__.py", "balcaprl/evaluate/__main__.py", "balcaprl/text.py"} <= set(names)
+    # every subpackage of the layered library is in the wheel
+    for package in ("data", "experiments", "judge", "models", "preflight", "trainer", "world"):
+        assert f"balcaprl/{package}/__init__.py" in names, package
     assert "balcaprl/rewards/__init__.py" in names  # the top-level rewards/ folder ships as balcaprl.rewards
     assert "balcaprl/py.typed" in names
     assert "balcaprl/rewards/prompts/precision_v1.txt" in names  # package data: the judge prompts
     assert not any(name.startswith(("rewards/", "tests/", "benchmarks/", "balcaprl/bench")) for name in names)
-    assert not any("testing_server" in name or "loopback" in name for name in names)  # test tooling stays out
+    # test tooling stays out: loopback judge servers, the vLLM stand-in, launch scripts, fixtures
+    tooling = ("testing_server", "loopback", "judge_servers", "standin", "fixtures")
+    assert not any(word in name for name in names for word in tooling)
+    assert not any(name.startswith("vllm") for name in names)
 
     venv.create(tmp_path / "venv", with_pip=True)
     python = str(tmp_path / "venv" / "bin" / "python")
@@ -40,10 +46,20 @@ def test_wheel_installs_and_imports_in_a_clean_virtualenv(tmp_path):
         "print(balcaprl.__version__, balcaprl.BalCapGRPOTrainer.__name__, balcaprl.rewards.__name__);"
         "print(importlib.resources.files('balcaprl').joinpath('py.typed').is_file());"
         "from balcaprl.rewards.judged import load_prompt; print('JSON' in load_prompt('recall_verify'));"
-        "from balcaprl.evaluate import evaluate_captions, main; print(evaluate_captions.__module__)"
+        "from balcaprl.evaluate import evaluate_captions, main; print(evaluate_captions.__module__);"
+        "from balcaprl import BalCapConfig, BalCapGRPOTrainer, compute_advantages, length_conditional_mask;"
+        "from balcaprl.rewards import get_reward_funcs; print(get_reward_funcs(['length_penalty'])[0].__name__)"
     )
     output = run([python, "-c", probe], cwd=tmp_path).stdout.split()
-    assert output == ["0.1.0", "BalCapGRPOTrainer", "balcaprl.rewards", "True", "True", "balcaprl.evaluate.harness"]
+    assert output == [
+        "0.1.0", "BalCapGRPOTrainer", "balcaprl.rewards", "True", "True", "balcaprl.evaluate.harness", "length_penalty"
+    ]  # fmt: skip
+    # the console script's verbs and the `python -m` entry points
+    verbs = run([str(tmp_path / "venv" / "bin" / "balcaprl"), "--help"], cwd=tmp_path).stdout
+    assert all(verb in verbs for verb in ("sft", "train", "preflight", "evaluate", "merge", "demo", "reproduce"))
+    entry_points = {"train": "--advantage_estimator", "sft": "--sft_references", "preflight": "--accelerate-config"}
+    for module, option in entry_points.items():
+        assert option in run([python, "-m", f"balcaprl.{module}", "--help"], cwd=tmp_path).stdout, module
     usage = run([python, "-m", "balcaprl.evaluate", "score", "--help"], cwd=tmp_path).stdout
     assert "--annotations" in usage
     # Installed from the wheel, not from the source tree, and no stray top-level `rewards` package.

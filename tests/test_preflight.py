@@ -1,7 +1,7 @@
 """`balcaprl preflight`: every shipped recipe against the real model configs and its header's GPUs, memory figures
 against hand arithmetic, and seeded problems each reported by name with exit code 1 before any weights load.
 
-The model folders used here (`../shared/reference-models/`) hold configs and tokenizers but no weights: a check
+The model folders used here (`tests/fixtures/reference-models/`) hold configs and tokenizers but no weights: a check
 that loaded weights could not pass on them.
 """
 
@@ -16,17 +16,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from balcaprl.preflight import GIB, main, preflight
+from balcaprl.preflight.report import GIB
+from balcaprl.preflight.run import main, preflight
 from tests.judge_servers import free_port
+from tests.paths import REFERENCE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE_MODELS = REPO.parent / "shared" / "reference-models"
 LLAVA = REFERENCE_MODELS / "llava-1.5-7b-hf"
 QWEN_7B = REFERENCE_MODELS / "qwen2_5_vl_7b_instruct"
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
-
-pytestmark = pytest.mark.skipif(not (QWEN_7B / "config.json").is_file(), reason="reference-models folder missing")
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,10 @@ from transformers import AutoProcessor
 # the same rounding as qwen_vl_utils.smart_resize, whose module imports torchvision at the top (unusable here without)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from balcaprl.models import ImageOnlyQwen2_5_VLProcessor, load_processor, torchvision_available
-from balcaprl.tiny import build_tiny_model
+from balcaprl.models.image_only import ImageOnlyQwen2_5_VLProcessor, torchvision_available
+from balcaprl.models.processors import load_processor
+from balcaprl.models.reference import build_reference_interface_model
+from balcaprl.models.tiny import build_tiny_model
 
 FAMILIES = ("qwen2_5_vl", "llava")
 NEEDS_TORCHVISION = pytest.mark.skipif(
@@ -34,41 +36,17 @@ IMAGE_SIZES = [(56, 56), (300, 200), (200, 300), (640, 480), (97, 1000), (1000, 
 MESSAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
 
 
-def reference_interface_builder():
-    """`build_reference_interface_model` when balcaprl has it and the reference files exist, else a skip reason."""
-    try:
-        from balcaprl.tiny import build_reference_interface_model
-    except ImportError:
-        return None, "balcaprl.tiny.build_reference_interface_model is not available in this checkout"
-    from tests.test_recipes import REFERENCE_MODELS
-
-    if not REFERENCE_MODELS.is_dir():
-        return None, f"the real model interface files are not at {REFERENCE_MODELS}"
-    return build_reference_interface_model, None
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """{(kind, family): checkpoint} of the self-made tiny models and, when available, the real-interface ones."""
+    """{(kind, family): checkpoint} of the self-made tiny models and the real-interface ones."""
     root = tmp_path_factory.mktemp("processor_paths")
     folders = {("tiny", family): build_tiny_model(family, root / "tiny" / family) for family in FAMILIES}
-    builder, _ = reference_interface_builder()
-    if builder is not None:
-        for family in FAMILIES:
-            folders[("real_interface", family)] = builder(family, root / "real_interface" / family)
+    for family in FAMILIES:
+        folders[("real_interface", family)] = build_reference_interface_model(family, root / "real_interface" / family)
     return folders
 
 
-KINDS = [
-    pytest.param("tiny", id="tiny"),
-    pytest.param(
-        "real_interface",
-        id="real_interface",
-        marks=pytest.mark.skipif(
-            reference_interface_builder()[0] is None, reason=str(reference_interface_builder()[1])
-        ),
-    ),
-]
+KINDS = ["tiny", "real_interface"]
 
 
 def pixel_kwargs(family: str) -> dict:
@@ -171,7 +149,7 @@ def test_checkpoint_saved_by_the_fallback_loads_with_the_stock_processor(tmp_pat
 def test_rl_steps_run_on_the_processor_path_of_this_environment(tmp_path, checkpoints, kind, family):
     # The short end-to-end check of each path: two GRPO steps (c-GDPO with the length mask) through TRL's real code.
     from balcaprl.train import main as train
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     write_jsonl(make_split("train", 8, seed=0), tmp_path / "data")
     trainer = train([

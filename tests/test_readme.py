@@ -1,11 +1,14 @@
-"""The README's quick start runs as written (in a temporary folder)."""
+"""The README's quick start and the docs' examples run as written (in a temporary folder); every relative link of
+the README and the docs pages resolves."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+REWARDS_PAGE = REPO / "docs" / "rewards.md"
 
 
 def test_quick_start_runs(tmp_path, monkeypatch):
@@ -20,8 +23,8 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     assert any("length/masked_frac" in log for log in trainer.state.log_history)
 
 
-def _block_after(marker: str, language: str) -> str:
-    text = README.read_text()
+def _block_after(marker: str, language: str, page: Path = REWARDS_PAGE) -> str:
+    text = page.read_text()
     start = text.index(marker)
     match = re.search(rf"```{language}\n(.*?)```", text[start:], flags=re.DOTALL)
     return match.group(1)
@@ -43,3 +46,19 @@ def test_write_your_own_reward_example(tmp_path, monkeypatch):
     references = [["one red circle", "a red circle here"]] * 2
     assert brevity(prompts=None, completions=completions, references=references) == [1.0, pytest.approx(1 / 3)]
     assert keyword(prompts=None, completions=completions) == [1.0, 1.0]
+
+
+def test_readme_is_short_and_its_links_resolve():
+    assert len(README.read_text().splitlines()) <= 250
+    pages = [README, *sorted((REPO / "docs").glob("*.md"))]
+    linked = set()
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            path = (page.parent / target).resolve()
+            assert path.exists(), f"{page.name} links to {target}, which does not exist"
+            if page == README:
+                linked.add(path)
+    # every docs page is reachable from the README
+    assert {page.resolve() for page in pages[1:]} <= linked

@@ -1,7 +1,8 @@
 """The GPU recipes' path on the real model interfaces, on CPU: SFT → RL (each estimator, TRL's vLLM path) → evaluate.
 
 Models: tiny-depth llava-1.5-7b-hf and Qwen2.5-VL-7B-Instruct with their real vocabularies, special tokens, chat
-templates and image processing (`balcaprl.tiny.build_reference_interface_model`). Every stage runs through the
+templates and image processing (`balcaprl.models.reference.build_reference_interface_model`). Every stage runs through
+the
 console script, as a user runs it; RL samples with ``use_vllm: true`` (colocate), where the vLLM engine is the CPU
 stand-in of tests/vllm_standin (vLLM itself needs a GPU). Data: JSONL with images of several sizes and aspect ratios,
 so that Qwen2.5-VL prompts differ in length within a batch. c-GDPO scores with the three BalCapRL judge rewards against

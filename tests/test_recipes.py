@@ -17,16 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from balcaprl.preflight import (
-    BUDGET_ROUND_TO,
-    BUDGET_SLACK,
-    REPORT_TO_PACKAGES,
-    TEMPLATE_TOKENS_BOUND,
-    count_prompt_tokens,
-)
+from balcaprl.preflight.budget import count_prompt_tokens
+from balcaprl.preflight.report import BUDGET_ROUND_TO, BUDGET_SLACK, REPORT_TO_PACKAGES, TEMPLATE_TOKENS_BOUND
 from balcaprl.rewards import REWARD_BUILDERS, get_reward_funcs
-from balcaprl.sft import SFT_CONFIG_TYPES
-from balcaprl.train import RL_CONFIG_TYPES, RecipeError, parse_config
+from balcaprl.runtime import RL_CONFIG_TYPES, SFT_CONFIG_TYPES, RecipeError, parse_config
+from tests.paths import REFERENCE_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
@@ -35,7 +30,6 @@ MODELS = ("llava_1_5_7b", "qwen2_5_vl_3b", "qwen2_5_vl_7b")
 METHODS = ("sft", "scst", "grpo_cider", "balcaprl")
 GPU_RECIPES = [p for p in RECIPES if p.parent.name in MODELS]
 VLLM_RECIPES = [p for p in GPU_RECIPES if yaml.safe_load(p.read_text()).get("use_vllm")]
-REFERENCE_MODELS = REPO.parent / "shared" / "reference-models"
 
 
 def method_of(path: Path) -> str:
@@ -105,7 +99,7 @@ def test_recipe_parses_and_resolves(path):
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
 def test_accelerate_configs(path):
     config = yaml.safe_load(path.read_text())
-    machines = 2 if path.stem.endswith("_2nodes") else 1  # the multi-node configs (README "More than one node")
+    machines = 2 if path.stem.endswith("_2nodes") else 1  # the multi-node configs (docs/launching.md)
     assert config["num_machines"] == machines and config["num_processes"] % machines == 0
     if config["distributed_type"] == "DEEPSPEED":
         deepspeed_file = REPO / config["deepspeed_config"]["deepspeed_config_file"]

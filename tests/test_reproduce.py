@@ -11,19 +11,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from balcaprl.demo import DemoSettings
-from balcaprl.reproduce import (
+from balcaprl.experiments.demo import DemoSettings
+from balcaprl.experiments.reproduce import arm_recipe
+from balcaprl.experiments.reproduce_arms import (
     ARMS,
     ARMS_BY_NAME,
     SCENE_COLUMNS,
     ReproduceSettings,
-    arm_recipe,
     full_settings,
     quick_settings,
     settings_from_dict,
 )
-from balcaprl.reproduce_report import compute_verdicts, distinct_ngrams, reward_noise
-from balcaprl.train import RL_CONFIG_TYPES, parse_config
+from balcaprl.experiments.reproduce_verdicts import compute_verdicts, distinct_ngrams, reward_noise
+from balcaprl.runtime import RL_CONFIG_TYPES, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -173,27 +173,29 @@ def test_quick_reproduce_twice_gives_identical_results(tmp_path):
             assert image.format == "PNG"
     # the report is rebuilt from the run folders alone
     (first / "results.md").unlink()
-    subprocess.run([sys.executable, "-m", "balcaprl.reproduce", "--report-only", "--output-dir", str(first)],
+    subprocess.run([sys.executable, "-m", "balcaprl.experiments.reproduce", "--report-only", "--output-dir",
+    str(first)],
                    cwd=REPO, env=ENV, check=True, capture_output=True)  # fmt: skip
     assert (first / "results.md").read_text() == report
 
 
-def test_update_readme_replaces_only_the_marked_block(tmp_path):
-    from balcaprl.reproduce_report import README_MARKERS, update_readme
+def test_update_results_page_replaces_only_the_marked_block(tmp_path):
+    from balcaprl.experiments.reproduce_report import RESULTS_MARKERS, update_results_page
 
-    start, end = README_MARKERS
-    readme = tmp_path / "README.md"
+    start, end = RESULTS_MARKERS
+    readme = tmp_path / "reproduction.md"
     readme.write_text(f"# title\n\nintro\n{start}\nold numbers\n{end}\n\nwhat changed, by hand\n")
-    update_readme(readme, "new numbers\n")
+    update_results_page(readme, "new numbers\n")
     assert readme.read_text() == f"# title\n\nintro\n{start}\nnew numbers\n{end}\n\nwhat changed, by hand\n"
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="reproduce:start"):
-        update_readme(readme, "x")
+        update_results_page(readme, "x")
     assert readme.read_text() == "no markers"  # nothing lost on error
 
 
-def test_the_readme_has_one_reproduce_block():
-    from balcaprl.reproduce_report import README_MARKERS
+def test_the_results_page_has_one_reproduce_block():
+    from balcaprl.experiments.reproduce_report import RESULTS_MARKERS
 
-    text = (REPO / "README.md").read_text()
-    assert all(text.count(marker) == 1 for marker in README_MARKERS)
+    text = (REPO / "docs" / "reproduction.md").read_text()
+    assert all(text.count(marker) == 1 for marker in RESULTS_MARKERS)
+    assert RESULTS_MARKERS[0] not in (REPO / "README.md").read_text()

@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from balcaprl.judge import JudgeClient
+from balcaprl.judge.client import JudgeClient
 from balcaprl.rewards import get_reward_funcs, get_reward_weights
 from balcaprl.rewards.judged import PROMPT_SETS, LinguisticReward, PrecisionReward, RecallReward, load_prompt
 from tests.judge_servers import FaultInjectingServer, ScriptedJudge, body_bytes, photo

@@ -15,9 +15,9 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import prepare_multimodal_messages
 
 from balcaprl.generation import load_for_generation
-from balcaprl.models import load_processor
-from balcaprl.sft import CaptionSFTCollator
+from balcaprl.models.processors import load_processor
 from balcaprl.sft import main as sft_main
+from balcaprl.trainer.sft_collator import CaptionSFTCollator
 from tests.helpers import greedy_caption_tokens
 
 CAPTION = "a red circle."

@@ -87,7 +87,7 @@ def test_cider_d_reward_is_the_same_for_typographic_and_ascii_punctuation():
 
 def test_no_java_metrics_are_the_same_for_typographic_and_ascii_punctuation(monkeypatch):
     """Without java on PATH (a real PATH without it), BLEU / ROUGE-L / CIDEr-D run on the shared tokenizer."""
-    from balcaprl.evaluate import classic_section, length_section
+    from balcaprl.evaluate.classic import classic_section, length_section
 
     directories = os.environ.get("PATH", "").split(os.pathsep)
     monkeypatch.setenv("PATH", os.pathsep.join(d for d in directories if not os.access(os.path.join(d, "java"), 1)))

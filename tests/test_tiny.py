@@ -6,8 +6,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-from balcaprl.models import ImageOnlyQwen2_5_VLProcessor, load_processor, torchvision_available
-from balcaprl.tiny import build_tiny_model
+from balcaprl.models.image_only import ImageOnlyQwen2_5_VLProcessor, torchvision_available
+from balcaprl.models.processors import load_processor
+from balcaprl.models.tiny import build_tiny_model
 
 IMAGE_TOKENS = {"qwen2_5_vl": ("<|image_pad|>", 4), "llava": ("<image>", 4)}
 

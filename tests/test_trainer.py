@@ -72,10 +72,11 @@ def test_the_loss_receives_compute_advantages_of_the_reward_matrix(trained):
     torch.testing.assert_close(torch.tensor(list(trainer._logs["advantages"])), trainer.generated_advantages[-1])
 
 
+@pytest.mark.parametrize(
+    "trained", [("qwen2_5_vl", "scst"), ("llava", "scst")], indirect=True, ids=["qwen2_5_vl-scst", "llava-scst"]
+)
 def test_scst_scores_one_greedy_caption_per_prompt(trained):
-    trainer, estimator = trained[:2]
-    if estimator != "scst":
-        pytest.skip("SCST only")
+    trainer = trained[0]
     # 8 samples = 2 prompts x G=4: 2 greedy captions scored, each baseline repeated over its group
     for scored_once, baseline in zip(trainer.reward_matrices[1::2], trainer.baseline_matrices, strict=True):
         assert scored_once.shape == (2, 3)
@@ -98,7 +99,8 @@ def test_the_logged_linguistic_reward_is_masked_by_length(trained):
 def test_token_length_unit_counts_policy_tokens(tiny_models, tmp_path):
     from peft import LoraConfig
 
-    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+    from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+    from balcaprl.models.processors import load_processor
     from tests.helpers import RecordingTrainer, make_config, toy_dataset
 
     reference = "a red circle here."
@@ -172,7 +174,7 @@ class TestRewardChecks:
         ],
     )
     def test_bad_reward_fails_naming_the_reward_and_step(self, tiny_models, tmp_path, bad_reward, message):
-        from balcaprl.trainer import RewardFunctionError
+        from balcaprl.trainer.reward_checks import RewardFunctionError
 
         trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [linguistic, bad_reward], max_steps=1)
         with pytest.raises(RewardFunctionError, match=message):
@@ -218,8 +220,9 @@ def test_a_batch_of_images_of_different_sizes_trains(tiny_models, tmp_path):
     from peft import LoraConfig
     from PIL import Image
 
-    from balcaprl.data import load_caption_dataset
-    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, image_resize_for, load_processor
+    from balcaprl.data.loading import load_caption_dataset
+    from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+    from balcaprl.models.processors import image_resize_for, load_processor
     from tests.helpers import RecordingTrainer, make_config
 
     path = str(tiny_models["qwen2_5_vl"])
@@ -248,7 +251,8 @@ def test_scst_greedy_baseline_is_decoded_without_dropout(tiny_models, tmp_path):
     # LoRA dropout (TRL's default 0.05 with use_peft) made three "greedy" decodes with three seeds differ.
     from peft import LoraConfig
 
-    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+    from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+    from balcaprl.models.processors import load_processor
     from tests.helpers import RecordingTrainer, make_config, toy_dataset
 
     path = str(tiny_models["qwen2_5_vl"])
@@ -275,7 +279,7 @@ def test_scst_greedy_baseline_is_decoded_without_dropout(tiny_models, tmp_path):
 
 
 def test_frac_reward_zero_std_counts_groups_without_signal():
-    from balcaprl.trainer import _fraction_in_constant_groups
+    from balcaprl.trainer.grpo import _fraction_in_constant_groups
 
     nan = float("nan")
     rewards = torch.tensor(
@@ -289,7 +293,7 @@ def test_frac_reward_zero_std_counts_groups_without_signal():
 
 
 def test_c_gdpo_logs_the_per_group_frac_reward_zero_std(tiny_models, tmp_path):
-    from balcaprl.trainer import _fraction_in_constant_groups
+    from balcaprl.trainer.grpo import _fraction_in_constant_groups
 
     trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour, linguistic], max_steps=1)
     trainer.train()
@@ -300,7 +304,8 @@ def test_c_gdpo_logs_the_per_group_frac_reward_zero_std(tiny_models, tmp_path):
 def test_rows_without_references_do_not_stop_a_run_without_masking(tiny_models, tmp_path):
     from peft import LoraConfig
 
-    from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+    from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+    from balcaprl.models.processors import load_processor
     from tests.helpers import RecordingTrainer, make_config, toy_dataset
 
     dataset = toy_dataset().map(lambda row: {"references": []})  # e.g. unlabelled images; the reward needs none

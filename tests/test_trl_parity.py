@@ -8,7 +8,8 @@ from peft import LoraConfig
 from trl import GRPOConfig, GRPOTrainer
 
 from balcaprl.advantages import compute_advantages
-from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
+from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+from balcaprl.models.processors import load_processor
 from tests.helpers import toy_dataset
 
 

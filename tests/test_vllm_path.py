@@ -23,8 +23,9 @@ from transformers import AutoModelForImageTextToText
 from trl.generation import vllm_generation
 
 from balcaprl.advantages import compute_advantages
-from balcaprl.models import LANGUAGE_MODEL_LORA_TARGETS, load_processor
-from balcaprl.trainer import vision_token_ids
+from balcaprl.models.loading import LANGUAGE_MODEL_LORA_TARGETS
+from balcaprl.models.processors import load_processor
+from balcaprl.trainer.vllm import vision_token_ids
 from tests.helpers import RecordingTrainer, linguistic, make_config, mentions_colour, toy_dataset
 
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
@@ -230,8 +231,8 @@ def test_data_path_resize_gives_the_engine_the_trainers_image_tokens(vllm_standi
     the row's image counts what the trainer's processor counts, for images of several sizes and aspect ratios."""
     from PIL import Image
 
-    from balcaprl.data import load_caption_dataset
-    from balcaprl.models import image_resize_for
+    from balcaprl.data.loading import load_caption_dataset
+    from balcaprl.models.processors import image_resize_for
 
     path = with_real_qwen_processor_defaults(tiny_models["qwen2_5_vl"], tmp_path / "model")
     recipe_processor = load_processor(str(path), min_pixels=112 * 112, max_pixels=168 * 168)

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from balcaprl.rewards.world import WorldLinguistic, WorldPrecision, WorldRecall, score_caption
-from balcaprl.world import (
+from balcaprl.world.captions import describe, parse_caption
+from balcaprl.world.scene import (
     BACKGROUND,
     COLOURS,
     MAX_JITTER,
@@ -26,11 +27,11 @@ from balcaprl.world import (
     STYLES,
     Fact,
     Scene,
-    WorldConfig,
     WorldObject,
-    describe,
+)
+from balcaprl.world.splits import (
+    WorldConfig,
     make_split,
-    parse_caption,
     read_jsonl,
     split_of,
     to_dataset,

@@ -41,86 +41,43 @@ Files written in ``output_dir`` (`report`, `plots`): ``report.json`` (every numb
 ×100); by the generation half also ``captions.jsonl`` and ``generation.json``.
 """
 
-from balcaprl.evaluate.balcap import balcap_section, harmonic_mean
-from balcaprl.evaluate.classic import (
-    BLEU_NAMES,
-    CLASSIC_NAMES,
-    LENGTH_WINDOW,
-    classic_section,
-    close_meteor,
-    java_available,
-    length_section,
-    ptb_tokenize,
-)
-from balcaprl.evaluate.cli import WORLD_REWARDS, build_parser, main
-from balcaprl.evaluate.compare import compare_reports
-from balcaprl.evaluate.harness import (
-    REPORT_FORMAT_VERSION,
-    EvaluationOptions,
-    evaluate_captions,
-    evaluate_captions_async,
-)
-from balcaprl.evaluate.inputs import load_coco_results, read_caption_input
-from balcaprl.evaluate.judge_styles import (
-    ARENA_SCHEMA,
-    ARENA_VERDICTS,
-    STYLE_PROMPT_VERSION,
-    UNKNOWN_ANSWER,
-    caparena_section,
-    captionqa_section,
-    dcscore_section,
-)
-from balcaprl.evaluate.records import (
-    CHOICE_LETTERS,
-    RECORD_KEYS,
-    CaptionRecord,
-    EvaluationDataError,
-    ImageLike,
-    load_captions,
-    load_questions,
-)
-from balcaprl.evaluate.report import summary_metrics, write_report
-from balcaprl.evaluate.run import generate_and_evaluate
-
-PROMPT_VERSION = STYLE_PROMPT_VERSION  # the name before the split (kept for users' imports)
+from balcaprl._lazy import lazy_exports
 
 __all__ = [
-    "ARENA_SCHEMA",
-    "ARENA_VERDICTS",
-    "BLEU_NAMES",
-    "CHOICE_LETTERS",
-    "CLASSIC_NAMES",
     "CaptionRecord",
     "EvaluationDataError",
     "EvaluationOptions",
-    "ImageLike",
-    "LENGTH_WINDOW",
-    "PROMPT_VERSION",
-    "STYLE_PROMPT_VERSION",
-    "RECORD_KEYS",
-    "REPORT_FORMAT_VERSION",
-    "UNKNOWN_ANSWER",
-    "WORLD_REWARDS",
-    "balcap_section",
-    "build_parser",
-    "caparena_section",
-    "captionqa_section",
-    "classic_section",
-    "close_meteor",
     "compare_reports",
-    "dcscore_section",
     "evaluate_captions",
     "evaluate_captions_async",
     "generate_and_evaluate",
     "harmonic_mean",
-    "java_available",
-    "length_section",
     "load_captions",
     "load_coco_results",
     "load_questions",
     "main",
-    "ptb_tokenize",
     "read_caption_input",
     "summary_metrics",
     "write_report",
 ]
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "evaluate_captions": "harness",
+        "evaluate_captions_async": "harness",
+        "EvaluationOptions": "harness",
+        "generate_and_evaluate": "run",
+        "compare_reports": "compare",
+        "load_captions": "records",
+        "load_questions": "records",
+        "CaptionRecord": "records",
+        "EvaluationDataError": "records",
+        "load_coco_results": "inputs",
+        "read_caption_input": "inputs",
+        "harmonic_mean": "balcap",
+        "write_report": "report",
+        "summary_metrics": "report",
+        "main": "cli",
+    },
+)

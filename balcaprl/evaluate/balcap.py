@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from balcaprl.evaluate.records import CaptionRecord, as_records, non_empty_references
-from balcaprl.judge import JudgeClient
+from balcaprl.judge.client import JudgeClient
 
 __all__ = ["balcap_section", "harmonic_mean"]
 

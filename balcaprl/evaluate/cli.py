@@ -20,7 +20,8 @@ from balcaprl.evaluate.harness import EvaluationOptions, evaluate_captions
 from balcaprl.evaluate.inputs import read_caption_input
 from balcaprl.evaluate.records import EvaluationDataError, default_name
 from balcaprl.evaluate.run import generate_and_evaluate
-from balcaprl.judge import JudgeClient, JudgeConfig
+from balcaprl.judge.client import JudgeClient
+from balcaprl.judge.config import JudgeConfig
 from balcaprl.rewards.world import WORLD_REWARDS
 
 __all__ = ["build_parser", "main"]
@@ -248,7 +249,7 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
 
     # --base-model is read wherever the adapter's base is resolved (family, processor, weights), through the
     # environment variable of that override, set for this command only.
-    from balcaprl.models import ADAPTER_BASE_ENV
+    from balcaprl.models.paths import ADAPTER_BASE_ENV
 
     saved_base = os.environ.get(ADAPTER_BASE_ENV)
     if arguments.base_model:

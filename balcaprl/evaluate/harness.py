@@ -30,7 +30,7 @@ from balcaprl.evaluate.records import (
     require_references,
 )
 from balcaprl.evaluate.report import finite, summary_metrics, write_report
-from balcaprl.judge import COUNTER_NAMES, JudgeClient
+from balcaprl.judge.client import COUNTER_NAMES, JudgeClient
 
 __all__ = ["EvaluationOptions", "evaluate_captions", "evaluate_captions_async"]
 

@@ -19,7 +19,7 @@ from balcaprl.evaluate.records import (
     non_empty_references,
     normalize_question,
 )
-from balcaprl.judge import JudgeClient
+from balcaprl.judge.client import JudgeClient
 
 __all__ = ["caparena_section", "captionqa_section", "dcscore_section"]
 

@@ -61,7 +61,8 @@ def generate_and_evaluate(
     """
     import torch
 
-    from balcaprl.data import DEFAULT_INSTRUCTION, load_caption_dataset_with_report
+    from balcaprl.data.constants import DEFAULT_INSTRUCTION
+    from balcaprl.data.loading import load_caption_dataset_with_report
     from balcaprl.generation import caption_dataset
 
     options = EvaluationOptions.build(options, **settings)

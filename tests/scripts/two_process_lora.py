@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from balcaprl import sft, train
-from balcaprl.models import _plain_loading, resolve_model_path
+from balcaprl.models.loading import _plain_loading
+from balcaprl.models.paths import resolve_model_path
 from tests.helpers import exit_launched_script
 
 

@@ -45,10 +45,10 @@ from typing import Any
 
 from PIL import Image
 
+from balcaprl.judge.config import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_PIXELS
+
 ImageLike = Image.Image | str | os.PathLike | bytes
 
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # Qwen2.5-VL's recommended upper bound (1280 visual tokens): 1,003,520 px
-DEFAULT_JPEG_QUALITY = 90
 LOSSLESS_MAX_PIXELS = 256 * 256  # at most this many pixels and not from a JPEG: PNG
 ENCODING_VERSION = 1  # bump when the resize or format rule changes, so content keys change with the bytes sent
 

@@ -2,224 +2,26 @@
 
 Generation, the clipped policy loss, KL, PEFT, vLLM and DeepSpeed stay TRL's. This subclass touches the reward matrix
 (length-conditional masking) and the advantages (`balcaprl.advantages.compute_advantages`), and mends TRL 1.16's vLLM
-path for image captioning (`_CaptioningVLLMGeneration`): vision placeholder tokens are never sampled, colocated vLLM
+path for image captioning (`CaptioningVLLMGeneration`): vision placeholder tokens are never sampled, colocated vLLM
 gets one placeholder per image, and LoRA weights are merged for vLLM without touching the base weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import math
-import numbers
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
-from accelerate.utils import gather, is_peft_model
-from torch import nn
+from accelerate.utils import gather
 from trl import GRPOTrainer
-from trl.generation.vllm_generation import VLLMGeneration
-from trl.trainer.utils import get_callable_name, is_async_callable
 
-from balcaprl.advantages import compute_advantages, distinct_per_group, nanstd
+from balcaprl.advantages import compute_advantages, distinct_per_group, get_estimator, nanstd
 from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
-
-
-class RewardFunctionError(RuntimeError):
-    """A reward function raised, or returned something other than one finite float or None per completion."""
-
-
-class _CheckedReward:
-    """Wraps a reward function so that a bad output or an exception fails with the reward's name and the step.
-
-    NaN and inf are errors, not "unscorable": a reward that cannot score a caption must say so with ``None``; a NaN
-    from arithmetic is a bug that would otherwise be silently dropped from the group statistics.
-    """
-
-    def __init__(self, reward_func: Callable):
-        self.reward_func = reward_func
-        self.__name__ = get_callable_name(reward_func)
-        functools.update_wrapper(self, reward_func, assigned=("__doc__", "__module__", "__qualname__"), updated=())
-
-    def __getattr__(self, name):  # expose the wrapped function's attributes (e.g. its judge client)
-        if name == "reward_func":
-            raise AttributeError(name)
-        return getattr(self.reward_func, name)
-
-    def _where(self, kwargs, completions) -> str:
-        state = kwargs.get("trainer_state")
-        step = f"step {state.global_step}" if state is not None else "an unknown step"
-        return f"at {step}, on a batch of {len(completions)} completions"
-
-    def _failed(self, error: Exception, kwargs, completions) -> RewardFunctionError:
-        return RewardFunctionError(
-            f"Reward function {self.__name__!r} raised {type(error).__name__} {self._where(kwargs, completions)}: "
-            f"{error}"
-        )
-
-    def _check(self, values, kwargs, completions) -> list:
-        where = self._where(kwargs, completions)
-        if values is None or len(values) != len(completions):
-            count = "None" if values is None else len(values)
-            raise RewardFunctionError(
-                f"Reward function {self.__name__!r} returned {count} values {where}; it must return one float (or "
-                "None when it cannot score) per completion."
-            )
-        checked = []
-        for index, value in enumerate(values):
-            if isinstance(value, torch.Tensor) and value.dim() == 0:
-                value = value.item()  # a 0-d tensor, as TRL accepts
-            if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))):
-                value = math.nan  # reported below: not a number
-            if value is not None and not math.isfinite(value):
-                raise RewardFunctionError(
-                    f"Reward function {self.__name__!r} returned {values[index]!r} for completion {index} {where}; "
-                    "return a finite float, or None for a completion it cannot score."
-                )
-            checked.append(None if value is None else float(value))  # numpy scalars become floats
-        return checked
-
-    def __call__(self, prompts, completions, **kwargs):
-        try:
-            values = self.reward_func(prompts=prompts, completions=completions, **kwargs)
-        except Exception as error:
-            raise self._failed(error, kwargs, completions) from error
-        return self._check(values, kwargs, completions)
-
-
-class _AsyncCheckedReward(_CheckedReward):
-    async def __call__(self, prompts, completions, **kwargs):
-        try:
-            values = await self.reward_func(prompts=prompts, completions=completions, **kwargs)
-        except Exception as error:
-            raise self._failed(error, kwargs, completions) from error
-        return self._check(values, kwargs, completions)
-
-
-def checked_reward(reward_func):
-    """`reward_func` wrapped by `_CheckedReward` (async kept async); reward models and model names pass through."""
-    if isinstance(reward_func, (str, nn.Module, _CheckedReward)):
-        return reward_func
-    return (_AsyncCheckedReward if is_async_callable(reward_func) else _CheckedReward)(reward_func)
-
-
-# Config attributes naming the vision placeholder tokens of the supported families (LLaVA: `<image>`; Qwen2.5-VL:
-# `<|image_pad|>`, `<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>`). A caption never contains them, and a sampled
-# image or video pad breaks the next forward pass ("Image features and image tokens do not match").
-VISION_TOKEN_ATTRIBUTES = (
-    "image_token_id",
-    "image_token_index",
-    "video_token_id",
-    "vision_start_token_id",
-    "vision_end_token_id",
-)
-
-
-def vision_token_ids(config) -> list[int]:
-    """Ids of the vision placeholder tokens a model config declares (`VISION_TOKEN_ATTRIBUTES`), without repeats."""
-    ids = (getattr(config, name, None) for name in VISION_TOKEN_ATTRIBUTES)
-    return list(dict.fromkeys(token_id for token_id in ids if isinstance(token_id, int)))
-
-
-def _collapse_runs(token_ids: list[int], token_id: int) -> list[int]:
-    """``token_ids`` with every run of ``token_id`` shortened to one token."""
-    return [t for i, t in enumerate(token_ids) if t != token_id or i == 0 or token_ids[i - 1] != token_id]
-
-
-@contextlib.contextmanager
-def _swapped_attributes(target, **attributes):
-    """Sets attributes of ``target`` for the duration of the block, then restores them."""
-    saved = {name: getattr(target, name) for name in attributes}
-    for name, value in attributes.items():
-        setattr(target, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(target, name, value)
-
-
-class _CaptioningVLLMGeneration(VLLMGeneration):
-    """TRL 1.16's `VLLMGeneration` with two fixes for captioning; the trainer sets it as its engine's class.
-
-    - ``generate`` (colocate): TRL sends the processor-expanded prompt with the raw image; vLLM expands the first image
-      placeholder again, so each image's tokens appear twice and only one copy gets features (huggingface/trl#6294).
-      Each run of image tokens is sent as one placeholder instead, and vLLM's processed prompt must then hold as many
-      image tokens as the trainer's, else the rollouts saw another image resolution than the one trained on.
-    - ``_iter_named_params`` (LoRA): TRL merges the adapter into the base weights and unmerges it after the sync,
-      which rounds the base weights twice in bf16 and drifts them a little at every sync. The merged weights are
-      computed beside the base weights instead, which stay untouched; other PEFT methods and FSDP keep TRL's path.
-    """
-
-    def generate(self, prompts, images, num_generations, profiler=None):
-        if self.mode != "colocate" or images is None:
-            return super().generate(prompts, images, num_generations, profiler)
-        image_token_id = self.processing_class.image_token_id
-        collapsed = [_collapse_runs(list(ids), image_token_id) for ids in prompts]
-        output = super().generate(collapsed, images, num_generations, profiler)
-        for index, (ours, engines) in enumerate(zip(prompts, output[0])):
-            ours_count, engine_count = list(ours).count(image_token_id), list(engines).count(image_token_id)
-            if ours_count != engine_count:
-                raise ValueError(
-                    f"vLLM processed the image(s) of prompt {index} of this batch into {engine_count} image tokens, "
-                    f"the trainer's processor into {ours_count}: the rollouts were sampled from another image "
-                    "resolution than the one trained on. vLLM resizes with the checkpoint's default processor "
-                    "settings; resize the images once in the data (the recipe's min_pixels / max_pixels) so both see "
-                    "the same pixels."
-                )
-        return output
-
-    def _iter_named_params(self):
-        model = self.model
-        if not is_peft_model(model) or self._dist.is_fsdp:
-            yield from super()._iter_named_params()
-            return
-        from peft.tuners.lora import LoraLayer
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        tuner_layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
-        if any(not isinstance(layer, LoraLayer) or layer.lora_variant for layer in tuner_layers):
-            yield from super()._iter_named_params()  # DoRA and non-LoRA adapters: TRL's merge / unmerge
-            return
-        with self._dist.gather_params(list(model.parameters())):
-            merged = {}
-            for layer in tuner_layers:
-                if not layer.merged:
-                    merged.update(_merged_lora_tensors(layer))
-            for name, param in model.named_parameters():
-                # The parameter names TRL sends (see VLLMGeneration._iter_named_params).
-                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                if model.prefix in name or "original_module" in name:
-                    continue
-                name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])
-                yield name, merged.get(id(param), param.data)
-
-
-def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
-    """The base weight (and bias) of a LoRA layer with its active adapters merged, by `id` of the base parameter.
-
-    Same arithmetic as peft's ``LoraLayer.merge`` (each adapter's delta added in turn, rounded to the base dtype),
-    so the values equal what ``merge_adapter`` would produce, but written to new tensors.
-    """
-    base = layer.get_base_layer()
-    weight = base.weight.data
-    bias = base.bias.data if getattr(base, "bias", None) is not None else None
-    for adapter in layer.active_adapters:
-        if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
-            continue
-        weight = (weight + layer.get_delta_weight(adapter)).to(base.weight.dtype)
-        if layer.lora_bias.get(adapter) and bias is not None:
-            bias = (bias + layer.lora_B[adapter].bias * layer.scaling[adapter]).to(base.bias.dtype)
-    merged = {id(base.weight): weight}
-    if bias is not None:
-        merged[id(base.bias)] = bias
-    return merged
+from balcaprl.trainer.reward_checks import checked_reward
+from balcaprl.trainer.vllm import CaptioningVLLMGeneration, swapped_attributes, vision_token_ids
 
 
 def _fraction_in_constant_groups(rewards: torch.Tensor, num_generations: int) -> float:
@@ -298,7 +100,7 @@ class BalCapGRPOTrainer(GRPOTrainer):
                 suppressed = list(self.generation_config.suppress_tokens or [])
                 self.generation_config.suppress_tokens = suppressed + [t for t in token_ids if t not in suppressed]
             return
-        self.vllm_generation.__class__ = _CaptioningVLLMGeneration
+        self.vllm_generation.__class__ = CaptioningVLLMGeneration
         # vLLM's `bad_words` are strings (JSON-safe for server mode, unlike logit_bias's int keys) that vLLM tokenizes
         # without special tokens; a one-token bad word gets logit -inf at every step, which no model output can beat.
         words = self._tokenizer.convert_ids_to_tokens(token_ids)
@@ -354,7 +156,8 @@ class BalCapGRPOTrainer(GRPOTrainer):
         scored = self._last_scored
         rewards = scored["rewards"]
         baseline = None
-        if self.args.advantage_estimator == "scst":
+        estimator = get_estimator(self.args.advantage_estimator)
+        if estimator.needs_baseline:
             baseline = self._greedy_baseline_rewards(inputs, scored["prompts"], num_generations)
             # Weighted baseline reward over the greedy captions with at least one reward scored (unscored ≠ 0).
             weighted = torch.nansum(baseline * self.reward_weights.to(baseline.device), dim=1)
@@ -377,7 +180,7 @@ class BalCapGRPOTrainer(GRPOTrainer):
         logged.extend(advantages.tolist())
 
         self._metrics[mode]["advantages/distinct_per_group"].append(distinct_per_group(advantages, num_generations))
-        if self.args.advantage_estimator in ("c_gdpo", "gdpo"):
+        if estimator.per_reward_groups:
             # TRL's frac_reward_zero_std under normalize_then_sum says whether the whole batch's sum is constant; the
             # quantity that means "no learning signal" is per group: every reward constant inside the group.
             self._metrics[mode]["frac_reward_zero_std"][-1] = _fraction_in_constant_groups(rewards, num_generations)
@@ -456,7 +259,7 @@ class BalCapGRPOTrainer(GRPOTrainer):
         if self.state.global_step != self._last_loaded_step:  # as TRL does before sampling
             self.vllm_generation.sync_weights()
             self._last_loaded_step = self.state.global_step
-        with _swapped_attributes(self.vllm_generation, temperature=0.0):
+        with swapped_attributes(self.vllm_generation, temperature=0.0):
             _, completion_ids, _, _ = self.vllm_generation.generate(
                 prompts=prompt_ids, images=images, num_generations=1
             )
@@ -474,7 +277,7 @@ class BalCapGRPOTrainer(GRPOTrainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            with _swapped_attributes(self, generation_config=greedy_config, **transformers_path):
+            with swapped_attributes(self, generation_config=greedy_config, **transformers_path):
                 completion_ids, _ = self._generate_single_turn(
                     prompt_ids, images, multimodal_fields, num_generations=1
                 )

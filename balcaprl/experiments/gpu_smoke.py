@@ -1,4 +1,5 @@
-"""``make gpu-smoke`` (``python -m balcaprl.gpu_smoke``): the GPU recipes' path, 2 steps per stage, on a GPU node.
+"""``make gpu-smoke`` (``python -m balcaprl.experiments.gpu_smoke``): the GPU recipes' path, 2 steps per stage, on a
+GPU node.
 
 For each model family: stage 1 (``balcaprl.sft``), then stage 2 (``balcaprl.train``) once per advantage estimator
 (SCST and GRPO with CIDEr-D, c-GDPO with the length mask), each through ``accelerate launch`` with the repo's
@@ -8,13 +9,15 @@ recipes on the command line. It checks that every stage exits cleanly and logs i
 quality.
 
 Models: the real-interface models (real vocabulary, templates and image processing at tiny depth, built from
-``../shared/reference-models`` by `balcaprl.tiny.build_reference_interface_model`) when available, else the self-made
+``tests/fixtures/reference-models`` by `balcaprl.models.reference.build_reference_interface_model`) when available,
+else the self-made
 tiny models; ``--model PATH_OR_HUB_NAME`` runs a real checkpoint instead. The c-GDPO stage uses the world's exact
 rewards (no judge needed) unless ``--judge-url`` names an OpenAI-compatible judge, which then scores precision,
 recall and linguistic quality as in the BalCapRL recipes.
 
 Without CUDA it says so and exits 0 (nothing to check); ``--dry-run`` prints the plan anywhere. The module lives in
-the package, like `balcaprl.demo`, so that it shares the package's builders and parsers and is tested as such; it
+the package, like `balcaprl.experiments.demo`, so that it shares the package's builders and parsers and is tested as
+such; it
 needs the repository's ``recipes/`` folder (the demo recipes and the accelerate configs).
 """
 
@@ -72,7 +75,7 @@ class Stage:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m balcaprl.gpu_smoke", description=__doc__.split("\n\n")[0].split(": ", 1)[-1]
+        prog="python -m balcaprl.experiments.gpu_smoke", description=__doc__.split("\n\n")[0].split(": ", 1)[-1]
     )
     parser.add_argument("--model", help="a real checkpoint (local folder or Hub name) instead of the test models")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="model families")
@@ -121,7 +124,7 @@ def model_for(family: str, args: argparse.Namespace, models_dir: Path, build: bo
     if args.model:
         return args.model, "the checkpoint given with --model"
     try:
-        from balcaprl.tiny import build_reference_interface_model
+        from balcaprl.models.reference import build_reference_interface_model
     except ImportError:
         return f"tiny:{family}", "self-made tiny model (this balcaprl has no real-interface builder)"
     folder = models_dir / f"{family}-real-interface"
@@ -139,7 +142,7 @@ def detect_families(args: argparse.Namespace) -> list[str]:
     if not args.model:
         return list(args.families)
     try:
-        from balcaprl.models import model_family
+        from balcaprl.models.paths import model_family
 
         return [model_family(args.model)]
     except (OSError, ValueError) as error:  # e.g. a Hub name in --dry-run without network
@@ -203,7 +206,10 @@ def write_recipes(stages: list[Stage]) -> None:
 
     for stage in stages:
         stage.recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        header = f"# gpu-smoke stage {stage.name!r} (balcaprl.gpu_smoke). Launch:\n#   {shlex.join(stage.command)}\n"
+        header = (
+            f"# gpu-smoke stage {stage.name!r} (balcaprl.experiments.gpu_smoke). Launch:\n"
+            f"#   {shlex.join(stage.command)}\n"
+        )
         stage.recipe_path.write_text(header + yaml.safe_dump(stage.recipe, sort_keys=False))
 
 
@@ -248,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-smoke: run it from the repository root ({accelerate_config} or {args.recipes_dir}/demo missing).")
         return 1
 
-    from balcaprl.world import make_split, write_jsonl
+    from balcaprl.world.splits import make_split, write_jsonl
 
     output = Path(args.output_dir)
     write_jsonl(make_split("train", 32, seed=0), output / "data")

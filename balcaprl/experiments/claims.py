@@ -1,4 +1,5 @@
-"""Confidence intervals and computed verdicts for `balcaprl.reproduce`: a two-level bootstrap over scenes and seeds.
+"""Confidence intervals and computed verdicts for `balcaprl.experiments.reproduce`: a two-level bootstrap over scenes
+and seeds.
 
 An arm of an experiment is several RL seeds evaluated on the same held-out scenes, so its per-scene scores form a
 ``seeds × scenes`` array per column (``precision``, ``recall``, ``linguistic``, ``cider_d``, ...). A metric is a

@@ -14,7 +14,7 @@ During RL that is hundreds of requests per step, so the client is built for a fl
   so a reference decomposed by 8 rollouts at once costs one request;
 - images: resized to ``max_pixels`` (aspect ratio kept, never upscaled), sent as JPEG (PNG when small and not from a
   JPEG), encoded once per distinct image and off the event loop (`JudgeClient.image_part`; the rules and their
-  reasons are in `balcaprl.judge_images`);
+  reasons are in `balcaprl.judge.images`);
 - threads: TRL runs async reward functions on its own event loop in a background thread, so the ``AsyncOpenAI``
   client, the semaphore and the in-flight table are created lazily per event loop;
 - secrets: the API key is read from the environment variable named by ``api_key_env`` when the first request is
@@ -23,7 +23,7 @@ During RL that is hundreds of requests per step, so the client is built for a fl
 Metrics for the trainer: :meth:`JudgeClient.pop_metrics` returns ``judge/requests``, ``judge/retries``,
 ``judge/failures``, ``judge/cache_hits`` and ``judge/bytes_sent`` for the interval since the previous call. The
 counters themselves (``requests``, ..., and ``calls``, the answers asked for) are cumulative attributes that other
-readers, such as the failure budget of `balcaprl.judge_guard`, can difference on their own schedule.
+readers, such as the failure budget of `balcaprl.judge.guard`, can difference on their own schedule.
 """
 
 from __future__ import annotations
@@ -35,267 +35,34 @@ import json
 import logging
 import os
 import random
-import sqlite3
 import threading
-import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import openai
 
-from balcaprl.judge_images import (
-    DEFAULT_JPEG_QUALITY,
-    DEFAULT_MAX_PIXELS,
-    EncodedImage,
-    ImageEncoder,
-    ImageLike,
-)
+from balcaprl.judge.cache import CACHE_FORMAT_VERSION, _AnswerCache
+from balcaprl.judge.config import RECIPE_KEYS, RESPONSE_FORMATS, JudgeConfig
+from balcaprl.judge.images import EncodedImage, ImageEncoder, ImageLike
+from balcaprl.judge.messages import Message, _canonical_messages, _with_schema_instruction, extract_json_object
 
 logger = logging.getLogger(__name__)
 
-Message = dict[str, Any]
 
-RESPONSE_FORMATS = ("json_schema", "json_object", "none")
 COUNTER_NAMES = ("requests", "retries", "failures", "cache_hits", "bytes_sent")
+
+
 NO_API_KEY = "EMPTY"  # what vLLM / llama.cpp servers without --api-key accept; the openai client refuses None
-CACHE_FORMAT_VERSION = 1  # bump when the cache key or the stored value changes meaning
-SCHEMA_INSTRUCTION = (
-    "Answer with one JSON object and nothing else. It must validate against this JSON schema:\n{schema}"
-)
+
+
 RETRYABLE_STATUS_CODES = frozenset({408, 429})  # plus every 5xx; 408 is a server-side timeout
 
 
-@dataclass
-class JudgeConfig:
-    r"""The judge's recipe keys — the one place they are declared. ``judge_<name>`` is `JudgeClient`'s argument
-    ``<name>``; `balcaprl.config.RewardConfig` (recipes, ``TrlParser``), the reward registry and the ``balcaprl
-    evaluate`` options are all derived from these fields.
-
-    judge_base_url / judge_model: the OpenAI-compatible judge server and the model it serves (a judge needs both).
-    judge_api_key_env: NAME of the environment variable holding the API key (the key never goes in a recipe).
-    The others tune `JudgeClient` (concurrency, timeouts, retries, cache, decoding, answer format, backoff).
-    """
-
-    judge_base_url: str | None = field(default=None, metadata={"help": "Judge server base URL (…/v1)."})
-    judge_model: str | None = field(default=None, metadata={"help": "Model name served by the judge server."})
-    judge_api_key_env: str | None = field(
-        default=None, metadata={"help": "NAME of the environment variable holding the judge API key."}
-    )
-    judge_max_concurrency: int = field(default=16, metadata={"help": "Judge requests in flight at once."})
-    judge_timeout: float = field(default=60.0, metadata={"help": "Seconds allowed per judge request."})
-    judge_max_retries: int = field(default=4, metadata={"help": "Retries of a failed judge request."})
-    judge_cache_dir: str | None = field(default=None, metadata={"help": "On-disk cache of judge answers."})
-    judge_temperature: float = field(default=0.0, metadata={"help": "Judge sampling temperature (0: cacheable)."})
-    judge_max_tokens: int = field(default=512, metadata={"help": "Length limit of a judge answer, in tokens."})
-    judge_response_format: str = field(
-        default="json_schema",
-        metadata={
-            "help": "How the judge is held to the JSON schema: json_schema (constrained decoding), json_object, or "
-            "none (for servers that reject response_format; the prompt alone asks for JSON).",
-            "choices": list(RESPONSE_FORMATS),
-        },
-    )
-    judge_schema_in_prompt: bool = field(default=True, metadata={"help": "Also state the JSON schema in the prompt."})
-    judge_backoff_base_s: float = field(default=0.5, metadata={"help": "First retry delay; doubles per retry."})
-    judge_backoff_max_s: float = field(
-        default=30.0, metadata={"help": "Longest retry delay (also caps a server's Retry-After)."}
-    )
-    judge_max_pixels: int = field(
-        default=DEFAULT_MAX_PIXELS,
-        metadata={
-            "help": "Pixel budget of an image sent to the judge (aspect ratio kept, never upscaled); the default, "
-            "1280 x 28 x 28, is Qwen2.5-VL's recommended maximum."
-        },
-    )
-    judge_jpeg_quality: int = field(
-        default=DEFAULT_JPEG_QUALITY, metadata={"help": "JPEG quality of images sent to the judge (1-95)."}
-    )
-
-    def judge_context(self) -> dict[str, Any]:
-        """The ``judge_*`` keys and values (what `get_reward_funcs` and `JudgeClient.from_config` read)."""
-        return {key: getattr(self, key) for key in RECIPE_KEYS}
-
-
-RECIPE_KEYS = tuple(item.name for item in fields(JudgeConfig))
 _DEFAULTS = JudgeConfig()
-
-
-# -------------------------------------------------------------------------------------------------------------- images
-
-
-_DEFAULT_ENCODERS: dict[tuple[int | None, int], ImageEncoder] = {}
-_DEFAULT_ENCODERS_LOCK = threading.Lock()
-
-
-def _shared_encoder(max_pixels: int | None, jpeg_quality: int) -> ImageEncoder:
-    with _DEFAULT_ENCODERS_LOCK:
-        encoder = _DEFAULT_ENCODERS.get((max_pixels, jpeg_quality))
-        if encoder is None:
-            encoder = _DEFAULT_ENCODERS[(max_pixels, jpeg_quality)] = ImageEncoder(max_pixels, jpeg_quality)
-    return encoder
-
-
-def image_to_data_url(
-    image: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_quality: int = DEFAULT_JPEG_QUALITY
-) -> str:
-    """A ``data:image/jpeg;base64,...`` (or ``image/png``) URL of ``image`` (a PIL image, a file path or bytes).
-
-    Resized to ``max_pixels`` and encoded as `balcaprl.judge_images` describes, once per distinct image (a shared
-    in-memory cache). A string that already is a ``data:image/...`` URL is returned unchanged.
-    """
-    if isinstance(image, str) and image.startswith("data:image/"):
-        return image
-    return _shared_encoder(max_pixels, jpeg_quality).encode(image).url
-
-
-def image_message_part(
-    image: ImageLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, jpeg_quality: int = DEFAULT_JPEG_QUALITY
-) -> dict[str, Any]:
-    """An OpenAI vision content part ``{"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}``.
-
-    `JudgeClient.image_part` is the same with the client's ``max_pixels`` / ``jpeg_quality``, off the event loop.
-    """
-    return {
-        "type": "image_url",
-        "image_url": {"url": image_to_data_url(image, max_pixels=max_pixels, jpeg_quality=jpeg_quality)},
-    }
-
-
-# ------------------------------------------------------------------------------------------------------------- parsing
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")  # NaN / Infinity would turn into a NaN reward
-
-
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def extract_json_object(text: str | None) -> dict[str, Any] | None:
-    """The first JSON object in ``text``, tolerating ```json fences and prose around it; None if there is none."""
-    if not text:
-        return None
-    start = text.find("{")
-    while start != -1:
-        try:
-            value, _ = _DECODER.raw_decode(text, start)
-        except ValueError:
-            pass
-        else:
-            if isinstance(value, dict):
-                return value
-        start = text.find("{", start + 1)
-    return None
-
-
-def _with_schema_instruction(messages: Sequence[Message], schema: dict[str, Any]) -> list[Message]:
-    """A copy of ``messages`` whose last user turn ends with the JSON-schema instruction (a new turn if none)."""
-    instruction = SCHEMA_INSTRUCTION.format(schema=json.dumps(schema, sort_keys=True))
-    messages = [dict(message) for message in messages]
-    user_turns = [index for index, message in enumerate(messages) if message.get("role") == "user"]
-    if not user_turns:
-        return [*messages, {"role": "user", "content": instruction}]
-    last = messages[user_turns[-1]]
-    content = last.get("content")
-    if isinstance(content, str):
-        last["content"] = f"{content}\n\n{instruction}"
-    elif isinstance(content, list):
-        last["content"] = [*content, {"type": "text", "text": instruction}]
-    else:
-        last["content"] = instruction
-    return messages
-
-
-def _canonical_messages(messages: Sequence[Message]) -> list[Message]:
-    """``messages`` with every data-URL image replaced by the sha256 of its URL (keys stay small and stable)."""
-    canonical = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [_canonical_part(part) for part in content]
-        canonical.append({**message, "content": content})
-    return canonical
-
-
-def _canonical_part(part: Any) -> Any:
-    if not (isinstance(part, dict) and part.get("type") == "image_url"):
-        return part
-    image_url = part.get("image_url")
-    url = image_url.get("url") if isinstance(image_url, dict) else image_url
-    if isinstance(url, str) and url.startswith("data:"):
-        return {"type": "image_url", "image_sha256": hashlib.sha256(url.encode()).hexdigest()}
-    return part
-
-
-# --------------------------------------------------------------------------------------------------------------- cache
-
-
-class _AnswerCache:
-    """Validated judge answers on disk, one sqlite3 table ``key → JSON``.
-
-    Why sqlite3 and not ``diskcache``: it is in the standard library (no dependency, and diskcache has had no release
-    since 2023), values stay plain JSON (diskcache pickles, which is unsafe for a cache directory shared between
-    users), and WAL mode lets the data-parallel ranks of one run read and write the same file concurrently. Reads and
-    writes are sub-millisecond, so they run inline on the event loop. The connection is opened lazily, may be used from
-    any thread (guarded by a lock), and a broken cache degrades to "no cache" with one warning, never a failed step.
-    """
-
-    def __init__(self, directory: str | os.PathLike):
-        self.path = Path(directory).expanduser() / "judge_cache.sqlite3"
-        self._lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
-        self._broken = False
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._connection is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute(
-                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, answer TEXT NOT NULL, created REAL)"
-            )
-            self._connection = connection
-        return self._connection
-
-    def _run(self, operation: str, sql: str, parameters: tuple) -> list[tuple]:
-        if self._broken:
-            return []
-        with self._lock:
-            try:
-                return self._connect().execute(sql, parameters).fetchall()
-            except (sqlite3.Error, OSError) as error:
-                self._broken = True
-                logger.warning(
-                    "Judge cache %s failed (%s: %s); continuing without a cache.",
-                    operation,
-                    type(error).__name__,
-                    error,
-                )
-                return []
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        rows = self._run("read", "SELECT answer FROM answers WHERE key = ?", (key,))
-        return json.loads(rows[0][0]) if rows else None
-
-    def put(self, key: str, answer: dict[str, Any]) -> None:
-        self._run(
-            "write",
-            "INSERT OR REPLACE INTO answers (key, answer, created) VALUES (?, ?, ?)",
-            (key, json.dumps(answer), time.time()),
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            if self._connection is not None:
-                self._connection.close()
-                self._connection = None
-
-
-# -------------------------------------------------------------------------------------------------------------- client
 
 
 @dataclass
@@ -428,8 +195,6 @@ class JudgeClient:
             f"cache_dir={None if self.cache_dir is None else str(self.cache_dir)!r}, max_pixels={self.max_pixels})"
         )
 
-    # ----------------------------------------------------------------------------------------------- public API
-
     async def complete_json(
         self, messages: Sequence[Message], schema: dict[str, Any], *, cache_key_extra: str = ""
     ) -> dict[str, Any] | None:
@@ -468,7 +233,7 @@ class JudgeClient:
     async def check(self, messages: Sequence[Message], schema: dict[str, Any]) -> str | None:
         """Ask the server itself (never the cache) and return None if it answered schema-valid JSON, else the fault.
 
-        The health check of `balcaprl.judge_guard`: one real request with this client's retries, whose fault (e.g.
+        The health check of `balcaprl.judge.guard`: one real request with this client's retries, whose fault (e.g.
         ``"connection error (ConnectError)"``, ``"HTTP 401: ..."``, ``"answer does not match the schema: ..."``) is
         returned as one line instead of being logged. Counted like any request.
         """
@@ -484,7 +249,7 @@ class JudgeClient:
         return None
 
     def encode_image(self, image: ImageLike) -> EncodedImage:
-        """``image`` resized to ``max_pixels`` and encoded, once per distinct content (see `balcaprl.judge_images`)."""
+        """``image`` resized to ``max_pixels`` and encoded, once per distinct content (see `balcaprl.judge.images`)."""
         return self.images.encode(image)
 
     async def image_part(self, image: ImageLike) -> dict[str, Any]:
@@ -535,8 +300,6 @@ class JudgeClient:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-    # ----------------------------------------------------------------------------------------------- internals
 
     def _count(self, name: str, amount: int = 1) -> None:
         with self._lock:

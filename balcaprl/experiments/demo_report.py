@@ -1,0 +1,251 @@
+"""The demo's ``report.md`` and figures: before/after table, held-out curve, sample captions, smoothed reward
+curves."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from balcaprl.length import DEFAULT_WINDOW
+
+if TYPE_CHECKING:
+    from balcaprl.experiments.demo import DemoSettings
+
+
+WINDOW_TEXT = f"[{DEFAULT_WINDOW[0]:g}, {DEFAULT_WINDOW[1]:g}]"
+
+
+METRICS = [
+    ("precision", "precision"),
+    ("recall", "recall"),
+    ("linguistic", "linguistic"),
+    ("b_capscore", "b-CapScore"),
+    ("cider_d", "CIDEr-D"),
+    ("length_ratio", "mean length ratio"),
+    ("masked_fraction", f"outside {WINDOW_TEXT}"),
+]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: element i is the mean of ``values[max(0, i - window + 1) : i + 1]``.
+
+    The first ``window - 1`` elements average the values seen so far, so the output has the input's length and
+    starts at the first value; ``window=1`` returns the values unchanged. Used for the training curves of the demo
+    and of `balcaprl.experiments.reproduce`. E.g. ``smooth([1, 2, 3, 4, 5], 3) == [1.0, 1.5, 2.0, 3.0, 4.0]``.
+    """
+    if window < 1:
+        raise ValueError(f"smooth: window must be a positive number of steps, got {window}.")
+    values = [float(value) for value in values]
+    # each window summed afresh (not a running sum, whose rounding drifts): curves are a few thousand points at most
+    return [statistics.fmean(values[max(0, index - window + 1) : index + 1]) for index in range(len(values))]
+
+
+def plot_reward_curves(run_dirs: dict[int, Path], path: Path, window: int = 10) -> Path | None:
+    """Training reward curves of every RL seed, one panel per reward: the mean per logged step, faint, under its
+    moving average over ``window`` logged steps (`smooth`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {
+        seed: json.loads((d / "trainer_state.json").read_text())["log_history"] for seed, d in run_dirs.items()
+    }
+    names = sorted({key for logs in histories.values() for log in logs for key in log if key.startswith("rewards/")})
+    names = [name for name in names if name.endswith("/mean")] + ["length/masked_frac"]
+    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, name in zip(axes, names):
+        for index, (seed, logs) in enumerate(histories.items()):
+            points = [(log["step"], log[name]) for log in logs if log.get(name) is not None]
+            if not points:
+                continue
+            steps, values = zip(*points)
+            colour = colours[index % len(colours)]
+            axis.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
+            axis.plot(steps, smooth(values, window), color=colour, linewidth=1.8, label=f"seed {seed}")
+        axis.set_title(name.removeprefix("rewards/").removesuffix("/mean"))
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(f"training rewards: mean of each step's samples (faint), moving average over {window} steps")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_heldout_curve(curves: dict[int, list[dict[str, Any]]], path: Path, scenes: int) -> Path:
+    """Held-out precision / recall / linguistic / b-CapScore against the RL step, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("precision", "precision"),
+        ("recall", "recall"),
+        ("linguistic", "linguistic"),
+        ("b_capscore", "b-CapScore"),
+    ]
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for axis, (key, label) in zip(axes, keys):
+        for seed, points in curves.items():
+            axis.plot([p["step"] for p in points], [p[key] for p in points], marker="o", label=f"seed {seed}")
+        axis.set_title(label)
+        axis.set_xlabel("RL step (0 = stage 1)")
+        axis.grid(alpha=0.3)
+    axes[-1].legend()
+    figure.suptitle(f"held-out scores during RL: greedy captions on {scenes} fixed held-out scenes")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_before_after(before: dict, after: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["precision", "recall", "linguistic", "b_capscore"]
+    means = [_mean_std([run[key] for run in after]) for key in keys]
+    positions = range(len(keys))
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    axis.bar([p - 0.2 for p in positions], [before[key] for key in keys], width=0.4, label="stage 1 (SFT)")
+    axis.bar([p + 0.2 for p in positions], [m for m, _ in means], width=0.4, yerr=[s for _, s in means],
+             label="BalCapRL (mean ± std over seeds)")  # fmt: skip
+    axis.set_xticks(list(positions), ["precision", "recall", "linguistic", "b-CapScore"])
+    axis.set_ylim(0, 1)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _heldout_lines(settings: DemoSettings, curve: dict[str, Any]) -> list[str]:
+    """The report's section on the held-out curve: the figure, one row per (seed, step), a summary line per seed."""
+    lines = [
+        "## Held-out scores during RL",
+        "",
+        f"Greedy captions on the first {curve['scenes']} held-out scenes (the same scenes at every point): step 0 "
+        f"is the stage-1 model, then a checkpoint every {curve['checkpoint_steps']} RL steps; the last point of each "
+        f"seed is its final model (step {settings.rl_steps} unless the time cap of {settings.rl_max_seconds:g} s "
+        "stopped it earlier).",
+        "",
+        "![held-out scores during RL](heldout_curve.png)",
+        "",
+        "| seed | step | precision | recall | linguistic | b-CapScore |",
+        "|---|---|---|---|---|---|",
+    ]
+    for seed, points in curve["per_seed"].items():
+        lines += [
+            f"| {seed} | {p['step']} | {p['precision']:.3f} | {p['recall']:.3f} | {p['linguistic']:.3f} "
+            f"| {p['b_capscore']:.3f} |"
+            for p in points
+        ]
+    lines.append("")
+    for seed, points in curve["per_seed"].items():
+        best = max(points, key=lambda point: point["b_capscore"])
+        lines.append(
+            f"- seed {seed}: b-CapScore {points[0]['b_capscore']:.3f} at step 0 → {points[-1]['b_capscore']:.3f} at "
+            f"step {points[-1]['step']} (highest {best['b_capscore']:.3f}, at step {best['step']})."
+        )
+    return [*lines, ""]
+
+
+def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], timings: dict[str, float]) -> Path:
+    before, after = results["sft"], [results["rl"][seed] for seed in settings.rl_seeds]
+    lines = [
+        "# balcaprl demo: BalCapRL on the synthetic shapes world",
+        "",
+        f"Tiny Qwen2.5-VL ({settings.hidden_size}-wide, {settings.num_layers} layers, {settings.image_size} px "
+        f"images), {settings.train_scenes} training scenes, {settings.test_scenes} held-out test scenes; exact "
+        f"rewards (`world_precision`, `world_recall`, `world_linguistic`), {settings.advantage_estimator} advantages, "
+        f"linguistic masked outside the length window {WINDOW_TEXT}. RL seeds: {list(settings.rl_seeds)}. "
+        f"Machine: {os.cpu_count()} CPU cores. Greedy captions on the held-out scenes.",
+        "",
+        "| metric | stage 1 (SFT) | BalCapRL, mean ± std over seeds | per seed | gain |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in METRICS:
+        mean, std = _mean_std([run[key] for run in after])
+        per_seed = ", ".join(f"{run[key]:.3f}" for run in after)
+        lines.append(
+            f"| {label} | {before[key]:.3f} | {mean:.3f} ± {std:.3f} | {per_seed} | {mean - before[key]:+.3f} |"
+        )
+    gains = [run["b_capscore"] - before["b_capscore"] for run in after]
+    gain_mean, gain_std = _mean_std(gains)
+    if min(gains) > 0:
+        verdict = "RL improved b-CapScore on every seed"
+    elif max(gains) <= 0:
+        verdict = "RL did not improve b-CapScore on any seed"
+    else:
+        verdict = "RL improved b-CapScore on some seeds only"
+    lines += [
+        "",
+        f"**b-CapScore gain of the RL stage: {gain_mean:+.3f} ± {gain_std:.3f}** (mean ± std over {len(gains)} RL "
+        f"seeds; per seed: {', '.join(f'{g:+.3f}' for g in gains)}). On this run, {verdict}.",
+        "",
+        "![before and after](before_after.png)",
+        "",
+        *_heldout_lines(settings, results["heldout_curve"]),
+        "## Training reward curves",
+        "",
+        f"Faint: the mean reward of each step's {settings.num_generations * settings.rl_prompts_per_step} sampled "
+        f"captions; bold: its moving average over {settings.smoothing_window} steps. The linguistic curve is after "
+        "masking; `length/masked_frac` is the fraction of sampled captions outside the length window.",
+        "",
+        "![reward curves](reward_curves.png)",
+        "",
+        "## Sample captions (held-out scenes)",
+        "",
+    ]
+    first_seed = settings.rl_seeds[0]
+    for index in range(min(settings.samples_in_report, len(results["test_references"]))):
+        lines += [
+            f"**Scene {index}** — reference: “{results['test_references'][index][0]}”",
+            f"- stage 1: “{before['captions'][index]}”",
+            f"- BalCapRL (seed {first_seed}): “{results['rl'][first_seed]['captions'][index]}”",
+            "",
+        ]
+    lines += [
+        "## Timings",
+        "",
+        *[f"- {stage}: {seconds:.0f} s" for stage, seconds in timings.items()],
+        "",
+        "Recipes used: `recipes/sft.yaml`, `recipes/balcaprl_seed*.yaml` in this folder. Settings: "
+        f"`{json.dumps(asdict(settings))}`",
+    ]
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    (root / "results.json").write_text(
+        json.dumps(
+            {
+                "settings": asdict(settings),
+                "timings": timings,
+                "sft": {k: v for k, v in before.items() if k != "captions"},
+                "rl": {
+                    str(seed): {k: v for k, v in run.items() if k != "captions"} for seed, run in results["rl"].items()
+                },
+                "b_capscore_gain": {"mean": gain_mean, "std": gain_std, "per_seed": gains},
+                "heldout_curve": {
+                    **{key: value for key, value in results["heldout_curve"].items() if key != "per_seed"},
+                    "per_seed": {str(seed): points for seed, points in results["heldout_curve"]["per_seed"].items()},
+                },
+            },
+            indent=2,
+        )
+    )
+    return path

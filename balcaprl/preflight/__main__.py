@@ -1,0 +1,7 @@
+"""``python -m balcaprl.preflight RECIPE`` (the same as ``balcaprl preflight RECIPE``)."""
+
+import sys
+
+from balcaprl.preflight.run import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""TRL 1.16's vLLM generation, mended for image captioning (`CaptioningVLLMGeneration`).
+
+Vision placeholder tokens are never sampled, colocated vLLM gets one placeholder per image (TRL expands them
+once already, huggingface/trl#6294), and LoRA weights are merged for vLLM without touching the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from accelerate.utils import is_peft_model
+from trl.generation.vllm_generation import VLLMGeneration
+
+# Config attributes naming the vision placeholder tokens of the supported families (LLaVA: `<image>`; Qwen2.5-VL:
+# `<|image_pad|>`, `<|video_pad|>`, `<|vision_start|>`, `<|vision_end|>`). A caption never contains them, and a sampled
+# image or video pad breaks the next forward pass ("Image features and image tokens do not match").
+VISION_TOKEN_ATTRIBUTES = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+
+
+def vision_token_ids(config) -> list[int]:
+    """Ids of the vision placeholder tokens a model config declares (`VISION_TOKEN_ATTRIBUTES`), without repeats."""
+    ids = (getattr(config, name, None) for name in VISION_TOKEN_ATTRIBUTES)
+    return list(dict.fromkeys(token_id for token_id in ids if isinstance(token_id, int)))
+
+
+def _collapse_runs(token_ids: list[int], token_id: int) -> list[int]:
+    """``token_ids`` with every run of ``token_id`` shortened to one token."""
+    return [t for i, t in enumerate(token_ids) if t != token_id or i == 0 or token_ids[i - 1] != token_id]
+
+
+@contextlib.contextmanager
+def swapped_attributes(target, **attributes):
+    """Sets attributes of ``target`` for the duration of the block, then restores them."""
+    saved = {name: getattr(target, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(target, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(target, name, value)
+
+
+class CaptioningVLLMGeneration(VLLMGeneration):
+    """TRL 1.16's `VLLMGeneration` with two fixes for captioning; the trainer sets it as its engine's class.
+
+    - ``generate`` (colocate): TRL sends the processor-expanded prompt with the raw image; vLLM expands the first image
+      placeholder again, so each image's tokens appear twice and only one copy gets features (huggingface/trl#6294).
+      Each run of image tokens is sent as one placeholder instead, and vLLM's processed prompt must then hold as many
+      image tokens as the trainer's, else the rollouts saw another image resolution than the one trained on.
+    - ``_iter_named_params`` (LoRA): TRL merges the adapter into the base weights and unmerges it after the sync,
+      which rounds the base weights twice in bf16 and drifts them a little at every sync. The merged weights are
+      computed beside the base weights instead, which stay untouched; other PEFT methods and FSDP keep TRL's path.
+    """
+
+    def generate(self, prompts, images, num_generations, profiler=None):
+        if self.mode != "colocate" or images is None:
+            return super().generate(prompts, images, num_generations, profiler)
+        image_token_id = self.processing_class.image_token_id
+        collapsed = [_collapse_runs(list(ids), image_token_id) for ids in prompts]
+        output = super().generate(collapsed, images, num_generations, profiler)
+        for index, (ours, engines) in enumerate(zip(prompts, output[0])):
+            ours_count, engine_count = list(ours).count(image_token_id), list(engines).count(image_token_id)
+            if ours_count != engine_count:
+                raise ValueError(
+                    f"vLLM processed the image(s) of prompt {index} of this batch into {engine_count} image tokens, "
+                    f"the trainer's processor into {ours_count}: the rollouts were sampled from another image "
+                    "resolution than the one trained on. vLLM resizes with the checkpoint's default processor "
+                    "settings; resize the images once in the data (the recipe's min_pixels / max_pixels) so both see "
+                    "the same pixels."
+                )
+        return output
+
+    def _iter_named_params(self):
+        model = self.model
+        if not is_peft_model(model) or self._dist.is_fsdp:
+            yield from super()._iter_named_params()
+            return
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        tuner_layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+        if any(not isinstance(layer, LoraLayer) or layer.lora_variant for layer in tuner_layers):
+            yield from super()._iter_named_params()  # DoRA and non-LoRA adapters: TRL's merge / unmerge
+            return
+        with self._dist.gather_params(list(model.parameters())):
+            merged = {}
+            for layer in tuner_layers:
+                if not layer.merged:
+                    merged.update(_merged_lora_tensors(layer))
+            for name, param in model.named_parameters():
+                # The parameter names TRL sends (see VLLMGeneration._iter_named_params).
+                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+                if model.prefix in name or "original_module" in name:
+                    continue
+                name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])
+                yield name, merged.get(id(param), param.data)
+
+
+def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
+    """The base weight (and bias) of a LoRA layer with its active adapters merged, by `id` of the base parameter.
+
+    Same arithmetic as peft's ``LoraLayer.merge`` (each adapter's delta added in turn, rounded to the base dtype),
+    so the values equal what ``merge_adapter`` would produce, but written to new tensors.
+    """
+    base = layer.get_base_layer()
+    weight = base.weight.data
+    bias = base.bias.data if getattr(base, "bias", None) is not None else None
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A and adapter not in getattr(layer, "lora_embedding_A", {}):
+            continue
+        weight = (weight + layer.get_delta_weight(adapter)).to(base.weight.dtype)
+        if layer.lora_bias.get(adapter) and bias is not None:
+            bias = (bias + layer.lora_B[adapter].bias * layer.scaling[adapter]).to(base.bias.dtype)
+    merged = {id(base.weight): weight}
+    if bias is not None:
+        merged[id(base.bias)] = bias
+    return merged
