@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,43 @@ def test_engine_gets_lora_merged_weights_and_bf16_base_never_drifts(vllm_standin
     base_by_name = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p for n, p in base_before.items()}
     lora_targets = [n for n in received if "language_model" in n and "q_proj.weight" in n]
     assert lora_targets and all(not torch.equal(received[n].bfloat16(), base_by_name[n]) for n in lora_targets)
+
+
+def merged_bytes_alive_during_sync(trainer) -> tuple[int, int]:
+    """(peak bytes of merged tensors alive at any yield of the LoRA sync, count of merged tensors sent).
+
+    Consumes the engine patch's ``_iter_named_params`` as TRL's sync does (each tensor loaded, then dropped) and,
+    at every yield, adds up the tensors sent so far that are not a parameter's own storage and are still alive.
+    """
+    own_storage = {parameter.data_ptr() for parameter in trainer.model.parameters()}
+    sent: list[weakref.ref] = []
+    peak = 0
+    for _, tensor in trainer.vllm_generation._iter_named_params():
+        if tensor.data_ptr() not in own_storage:
+            sent.append(weakref.ref(tensor))
+        del tensor
+        alive = [ref() for ref in sent if ref() is not None]
+        peak = max(peak, sum(item.numel() * item.element_size() for item in alive))
+        del alive
+    return peak, len(sent)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_sync_holds_one_layer_merged_at_a_time(vllm_standin, reference_models, tmp_path, family):
+    """Merged LoRA weights are made per layer as the sync reaches it: the extra memory of a sync is one layer's."""
+    policy = AutoModelForImageTextToText.from_pretrained(reference_models[family], dtype=torch.bfloat16)
+    trainer = vllm_trainer(reference_models[family], tmp_path, model=policy)
+    randomize_lora(trainer.model)
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in trainer.model.modules() if isinstance(module, LoraLayer)]
+    bytes_of = [
+        sum(p.numel() * p.element_size() for p in layer.get_base_layer().parameters(recurse=False)) for layer in layers
+    ]
+    peak, merged_sent = merged_bytes_alive_during_sync(trainer)
+    assert merged_sent >= len(layers) > 10  # every LoRA layer was sent merged (weights; biases where present)
+    assert 0 < peak <= max(bytes_of), f"{peak} bytes of merged weights alive at once; one layer is {max(bytes_of)}"
+    assert sum(bytes_of) > 4 * max(bytes_of)  # merging every layer first would hold many times that
 
 
 # ----------------------------------------------------------------------------------------------- two processes

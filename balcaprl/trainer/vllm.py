@@ -90,18 +90,32 @@ class CaptioningVLLMGeneration(VLLMGeneration):
         if any(not isinstance(layer, LoraLayer) or layer.lora_variant for layer in tuner_layers):
             yield from super()._iter_named_params()  # DoRA and non-LoRA adapters: TRL's merge / unmerge
             return
+        # The LoRA layer owning each base weight / bias whose adapter is not merged in. Merged tensors are made one
+        # layer at a time, as `named_parameters` reaches the layer, so a sync holds at most one layer's merged copy
+        # (merging every layer first held ~12 GiB of bf16 for a 7B model with the language_model preset).
+        owners = {}
+        for layer in tuner_layers:
+            if not layer.merged:
+                base = layer.get_base_layer()
+                owners[id(base.weight)] = layer
+                if getattr(base, "bias", None) is not None:
+                    owners[id(base.bias)] = layer
         with self._dist.gather_params(list(model.parameters())):
-            merged = {}
-            for layer in tuner_layers:
-                if not layer.merged:
-                    merged.update(_merged_lora_tensors(layer))
+            pending: dict[int, torch.Tensor] = {}  # the other tensor (weight or bias) of the layer being sent
             for name, param in model.named_parameters():
                 # The parameter names TRL sends (see VLLMGeneration._iter_named_params).
                 name = name.removeprefix("base_model.model.").replace(".base_layer", "")
                 if model.prefix in name or "original_module" in name:
                     continue
                 name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])
-                yield name, merged.get(id(param), param.data)
+                tensor = pending.pop(id(param), None)
+                if tensor is None and id(param) in owners:
+                    merged = _merged_lora_tensors(owners[id(param)])
+                    tensor = merged.pop(id(param))
+                    pending.update(merged)
+                    del merged
+                yield name, param.data if tensor is None else tensor
+                del tensor  # not kept while the engine loads the next parameter
 
 
 def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
