@@ -5,7 +5,13 @@ import importlib
 
 import pytest
 
-MODULES = ["balcaprl.advantages", "balcaprl.length", "balcaprl.rewards.cider", "balcaprl.rewards.length_penalty"]
+MODULES = [
+    "balcaprl.advantages",
+    "balcaprl.length",
+    "balcaprl.rewards.cider",
+    "balcaprl.rewards.length_penalty",
+    "balcaprl.rewards.world",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)
