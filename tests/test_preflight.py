@@ -264,6 +264,15 @@ def test_unreachable_judge(tmp_path):
         assert f"'{reward}' judge at http://127.0.0.1:{port}/v1" in problem
 
 
+def test_judge_health_check_false_skips_the_judge_check_as_training_does(tmp_path):
+    port = free_port()  # nothing listens: the check would fail if it ran
+    argv = passing_argv(tmp_path, judge_base_url=f"http://127.0.0.1:{port}/v1", judge_health_check="false")
+    argv[0], argv[2] = "recipes/qwen2_5_vl_7b/balcaprl.yaml", str(QWEN_7B)
+    code, text = run(argv)
+    assert code == 0, text
+    assert "not checked (judge_health_check: false) for ['precision', 'recall', 'linguistic']" in text
+
+
 def test_judge_that_answers_passes_with_its_latency(tmp_path, scripted_server):
     argv = passing_argv(tmp_path, judge_base_url=scripted_server.base_url, judge_model="scripted")
     argv[0], argv[2] = "recipes/qwen2_5_vl_7b/balcaprl.yaml", str(QWEN_7B)

@@ -142,6 +142,9 @@ def check_judge(report: PreflightReport, reward_args, training_args, rows: list[
     if not judged:
         report.add("judge", "no judge rewards")
         return
+    if not getattr(training_args, "judge_health_check", True):  # the recipe's own way to skip it, as in training
+        report.add("judge", f"not checked (judge_health_check: false) for {judged}")
+        return
     start = time.monotonic()
     try:
         check_judges(funcs, rows[0] if rows else probe_row())
