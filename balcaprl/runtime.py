@@ -220,11 +220,10 @@ def end_process_group() -> None:
     """Destroy the default process group once a launched run has finished (call it on success only, as the last step).
 
     PyTorch's distributed docs ("Shutdown") ask every trainer process for one destroy_process_group() near the end of
-    main(); NCCL otherwise warns that the group was never destroyed. What it does not do on CPU (measured): once
-    DistributedDataParallel has wrapped a model, the gloo group stays referenced and its worker threads survive the
-    call, so the rare abort of a finished gloo rank at interpreter exit seen in CI ("terminate called without an
-    active exception") is not ruled out by it. Not inside `main()`: accelerate's state outlives the group, so a
-    second stage in the same process would fail.
+    main(); NCCL otherwise warns that the group was never destroyed. A limit on CPU: once DistributedDataParallel has
+    wrapped a model, the gloo group stays referenced and its worker threads survive the call, so a finished gloo rank
+    can still, rarely, abort at interpreter exit ("terminate called without an active exception"). Not inside
+    `main()`: accelerate's state outlives the group, so a second stage in the same process would fail.
     """
     import torch.distributed as dist
 
