@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from balcaprl.checkpoints import checkpoint_problem, newest_complete_checkpoint
 from balcaprl.config import BalCapConfig, CaptionDataConfig, CaptionModelConfig, CaptionSFTConfig, RewardConfig
 
 logger = logging.getLogger("balcaprl")
@@ -100,15 +101,31 @@ def require(value, key: str) -> None:
         raise RecipeError(f"The recipe must set {key!r}.")
 
 
-def last_checkpoint(training_args) -> str | None:
-    """The checkpoint to resume from: ``resume_from_checkpoint`` if given, else the newest in ``output_dir``."""
-    from transformers.trainer_utils import get_last_checkpoint
+def explicit_resume_checkpoint(training_args) -> str | None:
+    """The checkpoint ``resume_from_checkpoint`` names; None when it asks for the newest (unset, true, false)."""
+    value = training_args.resume_from_checkpoint
+    return None if value in (None, "", True, False, "true", "True", "false", "False") else str(value)
 
-    if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
-        return training_args.resume_from_checkpoint
-    if os.path.isdir(training_args.output_dir):
-        return get_last_checkpoint(training_args.output_dir)
-    return None
+
+def last_checkpoint(training_args) -> str | None:
+    """The checkpoint to resume from: the one ``resume_from_checkpoint`` names, else the newest complete
+    ``checkpoint-N`` in ``output_dir`` (`balcaprl.checkpoints`), with a warning for each newer one that is incomplete.
+
+    Raises `RecipeError` when ``resume_from_checkpoint`` names an incomplete checkpoint.
+    """
+    explicit = explicit_resume_checkpoint(training_args)
+    if explicit is not None:
+        if problem := checkpoint_problem(explicit):
+            raise RecipeError(
+                f"resume_from_checkpoint {explicit}: {problem}. Point it at a complete checkpoint-N folder, or leave "
+                "it unset to resume from the newest complete checkpoint in output_dir."
+            )
+        return explicit
+    checkpoint, skipped = newest_complete_checkpoint(training_args.output_dir)
+    for path, problem in skipped:
+        logger.warning("Not resuming from %s: %s; it will be overwritten when the run saves that step again.", path,
+                       problem)  # fmt: skip
+    return None if checkpoint is None else str(checkpoint)
 
 
 def build_reward_funcs(reward_args: RewardConfig, training_args, corpus_references=None) -> list:

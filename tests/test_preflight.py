@@ -208,10 +208,25 @@ def test_a_recipe_that_can_run_exits_0(tmp_path):
     assert "3 sampled rows load, images open" in text and "no checkpoint: starts from step 0" in text
 
 
-def test_resume_checkpoint_is_found(tmp_path):
-    (tmp_path / "run" / "checkpoint-40").mkdir(parents=True)
+def test_resume_checkpoint_is_found_and_a_half_written_newer_one_named(tmp_path):
+    from tests.test_checkpoints import write_checkpoint
+
+    write_checkpoint(tmp_path / "run" / "checkpoint-40", 40)
+    (tmp_path / "run" / "checkpoint-50").mkdir()  # a save killed before it wrote anything
     code, text = run(passing_argv(tmp_path))
-    assert code == 0 and "resumes from" in text and "checkpoint-40" in text
+    assert code == 0, text
+    assert "skips incomplete checkpoint-50: no trainer_state.json" in text
+    assert f"resumes from {tmp_path / 'run' / 'checkpoint-40'}" in text
+
+
+def test_an_explicit_half_written_resume_checkpoint_is_a_problem(tmp_path):
+    (tmp_path / "checkpoint-7").mkdir()
+    code, text = run(passing_argv(tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoint-7")))
+    assert code == 1
+    assert problems_of(text) == [
+        f"1. [output] resume_from_checkpoint {tmp_path / 'checkpoint-7'}: no trainer_state.json (the save did not "
+        "finish)."
+    ]
 
 
 def test_missing_logger_package(tmp_path):

@@ -68,23 +68,28 @@ def check_environment(report: PreflightReport, training_args, zero_stage: int) -
 
 def check_output(report: PreflightReport, training_args) -> None:
     """``output_dir`` writable (its nearest existing folder, when it does not exist yet); the resume checkpoint."""
-    from balcaprl.runtime import last_checkpoint
+    from balcaprl.checkpoints import checkpoint_problem, newest_complete_checkpoint
+    from balcaprl.runtime import explicit_resume_checkpoint
 
     folder = Path(training_args.output_dir).resolve()
     existing = next(path for path in [folder, *folder.parents] if path.exists())
     lines = [f"output_dir {training_args.output_dir}"]
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         report.problem("output", f"output_dir {training_args.output_dir}: {existing} is not a writable folder.")
-    try:
-        checkpoint = last_checkpoint(training_args)
-    except (OSError, ValueError) as error:
-        checkpoint, lines = None, [*lines, f"checkpoint detection failed: {error}"]
-    if checkpoint:
-        if not os.path.isdir(checkpoint):
-            report.problem("output", f"resume_from_checkpoint {checkpoint} is not a folder.")
+    explicit = explicit_resume_checkpoint(training_args)
+    if explicit is not None:
+        if problem := checkpoint_problem(explicit):
+            report.problem("output", f"resume_from_checkpoint {explicit}: {problem}.")
+        else:
+            lines.append(f"resumes from {explicit}")
+        report.add("output", "\n".join(lines))
+        return
+    checkpoint, skipped = newest_complete_checkpoint(training_args.output_dir)
+    lines += [f"skips incomplete {path.name}: {problem}" for path, problem in skipped]
+    if checkpoint is not None:
         lines.append(f"resumes from {checkpoint}")
     else:
-        lines.append("no checkpoint: starts from step 0")
+        lines.append(f"no {'complete ' if skipped else ''}checkpoint: starts from step 0")
     report.add("output", "\n".join(lines))
 
 
