@@ -10,6 +10,10 @@ optimizer and scheduler, RNG states, and ``trainer_state.json`` last — so a ch
 
 `newest_complete_checkpoint` skips incomplete ones (newest first) and says why; `balcaprl train` / `sft` resume from
 what it returns and log a warning naming each one skipped, and `balcaprl preflight` reports the same.
+
+A run's identity (`run_identity`: stage, model and LoRA settings, data, estimator, reward specs) is stored in
+``output_dir/balcaprl_run.json``; resuming into the same folder with another identity is refused before any weights
+load (`balcaprl.runtime.check_resume_identity`), naming the keys that differ.
 """
 
 from __future__ import annotations
@@ -101,3 +105,55 @@ def newest_complete_checkpoint(output_dir: str | Path) -> tuple[Path | None, lis
             return path, skipped
         skipped.append((path, problem))
     return None, skipped
+
+
+# ------------------------------------------------------------------------------------------------------ run identity
+RUN_IDENTITY = "balcaprl_run.json"
+# Recipe keys that make a checkpoint belong to one run: resuming with another value would load weights, adapters or
+# optimizer states of another shape, or silently continue another experiment.
+MODEL_IDENTITY_KEYS = (
+    "model_name_or_path",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_preset",
+    "freeze_vision_tower",
+    "freeze_projector",
+)
+DATA_IDENTITY_KEYS = ("dataset", "dataset_split")
+TRAINING_IDENTITY_KEYS = ("advantage_estimator", "reward_weights")
+REWARD_IDENTITY_KEYS = ("reward_funcs",)
+
+
+def run_identity(stage: str, *configs) -> dict:
+    """The identity of a run (``stage`` and the identity keys each config has), as plain JSON values."""
+    identity = {"stage": stage}
+    keys = MODEL_IDENTITY_KEYS + DATA_IDENTITY_KEYS + TRAINING_IDENTITY_KEYS + REWARD_IDENTITY_KEYS
+    for config in configs:
+        for key in keys:
+            if hasattr(config, key):
+                identity[key] = json.loads(json.dumps(getattr(config, key), default=str))
+    return identity
+
+
+def identity_differences(output_dir: str | Path, identity: dict) -> list[str]:
+    """``key: stored -> now`` for each identity key whose value differs from the one stored in ``output_dir``."""
+    stored_file = Path(output_dir) / RUN_IDENTITY
+    if not stored_file.is_file():
+        return []
+    stored = json.loads(stored_file.read_text())
+    return [
+        f"{key}: {stored.get(key)!r} -> {identity.get(key)!r}"
+        for key in sorted(set(stored) | set(identity))
+        if stored.get(key) != identity.get(key)
+    ]
+
+
+def write_run_identity(output_dir: str | Path, identity: dict) -> None:
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f".{RUN_IDENTITY}.tmp"
+    temporary.write_text(json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    temporary.replace(folder / RUN_IDENTITY)  # whole or absent, like a checkpoint should be

@@ -10,7 +10,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from balcaprl.checkpoints import checkpoint_problem, newest_complete_checkpoint
+from balcaprl.checkpoints import (
+    checkpoint_problem,
+    identity_differences,
+    newest_complete_checkpoint,
+    write_run_identity,
+)
 from balcaprl.config import BalCapConfig, CaptionDataConfig, CaptionModelConfig, CaptionSFTConfig, RewardConfig
 
 logger = logging.getLogger("balcaprl")
@@ -126,6 +131,23 @@ def last_checkpoint(training_args) -> str | None:
         logger.warning("Not resuming from %s: %s; it will be overwritten when the run saves that step again.", path,
                        problem)  # fmt: skip
     return None if checkpoint is None else str(checkpoint)
+
+
+def check_resume_identity(training_args, identity: dict, checkpoint: str | None) -> None:
+    """Refuse to resume a run of ``output_dir`` with another identity (model, LoRA, data, estimator, rewards); store
+    the identity of a run that starts or resumes. An explicit ``resume_from_checkpoint`` is the user's choice: the
+    differences are logged, not refused."""
+    differences = identity_differences(training_args.output_dir, identity) if checkpoint is not None else []
+    if differences and explicit_resume_checkpoint(training_args) is None:
+        raise RecipeError(
+            f"output_dir {training_args.output_dir} holds checkpoints of another run ({'; '.join(differences)}): "
+            "resuming would load them into this one. Give this run its own --output_dir, remove the checkpoint-* "
+            "folders to start over, or resume a checkpoint on purpose with --resume_from_checkpoint PATH."
+        )
+    for difference in differences:
+        logger.warning("Resuming %s from another run's identity: %s", checkpoint, difference)
+    if training_args.should_save:
+        write_run_identity(training_args.output_dir, identity)
 
 
 def build_reward_funcs(reward_args: RewardConfig, training_args, corpus_references=None) -> list:

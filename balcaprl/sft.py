@@ -15,11 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from balcaprl.checkpoints import run_identity
 from balcaprl.preflight.run import check_before_weights
 from balcaprl.runtime import (
     LORA_ADAPTER_SUBFOLDER,
     SFT_CONFIG_TYPES,
     RecipeError,
+    check_resume_identity,
     end_process_group,
     load_family_and_processor,
     load_training_data,
@@ -49,6 +51,7 @@ def main(argv: Sequence[str] | None = None):
 
     # 2. seed, threads, logging, checkpoint detection
     checkpoint = prepare_run(training_args)
+    check_resume_identity(training_args, run_identity("sft", model_args, data_args, training_args), checkpoint)
 
     # 3. data, and the processor: images resized once, as in RL; one row per (image, reference), loss on the caption
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)

@@ -12,11 +12,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from balcaprl.checkpoints import run_identity
 from balcaprl.preflight.run import check_before_weights
 from balcaprl.runtime import (
     RL_CONFIG_TYPES,
     RecipeError,
     build_reward_funcs,
+    check_resume_identity,
     check_vllm_image_bounds,
     end_process_group,
     load_family_and_processor,
@@ -45,8 +47,12 @@ def main(argv: Sequence[str] | None = None):
     from balcaprl.models.processors import image_resize_for
     from balcaprl.trainer.grpo import BalCapGRPOTrainer
 
-    # 2. seed, threads, logging, checkpoint detection (resume from the newest checkpoint in output_dir)
+    # 2. seed, threads, logging, checkpoint detection (resume from the newest complete checkpoint in output_dir, if it
+    #    belongs to this run)
     checkpoint = prepare_run(training_args)
+    check_resume_identity(
+        training_args, run_identity("train", model_args, data_args, training_args, reward_args), checkpoint
+    )
 
     # 3. data, then rewards (CIDEr-D's document frequencies come from the training references); the judges must
     #    answer before any weights load, or the run would train on zero advantages

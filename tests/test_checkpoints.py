@@ -99,3 +99,25 @@ def test_an_explicit_half_written_checkpoint_is_a_recipe_error(tmp_path):
     (folder / "trainer_state.json").write_text("{")
     with pytest.raises(RecipeError, match=r"resume_from_checkpoint .*checkpoint-4: trainer_state.json is truncated"):
         last_checkpoint(SimpleNamespace(output_dir=str(tmp_path), resume_from_checkpoint=str(folder)))
+
+
+def test_run_identity_names_what_differs(tmp_path):
+    from balcaprl.checkpoints import identity_differences, run_identity, write_run_identity
+
+    model = SimpleNamespace(model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct", use_peft=True, lora_r=64, lora_alpha=128)
+    rewards = SimpleNamespace(reward_funcs=["precision", {"name": "recall", "weight": 2.0}])
+    identity = run_identity("train", model, rewards, SimpleNamespace(advantage_estimator="c_gdpo", seed=1))
+    assert identity == {
+        "stage": "train",
+        "model_name_or_path": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "use_peft": True,
+        "lora_r": 64,
+        "lora_alpha": 128,
+        "reward_funcs": ["precision", {"name": "recall", "weight": 2.0}],
+        "advantage_estimator": "c_gdpo",
+    }  # the seed, learning rate and the like are not part of it: a resume may change them
+    assert identity_differences(tmp_path, identity) == []  # nothing stored yet
+    write_run_identity(tmp_path, identity)
+    assert identity_differences(tmp_path, identity) == []
+    changed = {**identity, "lora_r": 16, "stage": "sft"}
+    assert identity_differences(tmp_path, changed) == ["lora_r: 64 -> 16", "stage: 'train' -> 'sft'"]

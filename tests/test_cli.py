@@ -85,3 +85,30 @@ def test_missing_dataset_names_the_file(tmp_path):
         "--output_dir", tmp_path / "out", check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "none.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resuming_into_another_run_is_refused_before_any_weights_load(tmp_path, world_jsonl):
+    """A checkpoint belongs to its run: another model, LoRA rank or reward set in the same output_dir is one error
+    naming what differs (no silent resume of a Qwen checkpoint into LLaVA, no 64-line size-mismatch traceback)."""
+    recipe = ["train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", world_jsonl, "--output_dir", tmp_path]
+    steps = ["--max_steps", 1, "--save_strategy", "steps", "--save_steps", 1]
+    run_cli(*recipe, "--model_name_or_path", "tiny:qwen2_5_vl", *steps)
+    assert json.loads((tmp_path / "balcaprl_run.json").read_text())["model_name_or_path"] == "tiny:qwen2_5_vl"
+
+    for change, named in [
+        (["--model_name_or_path", "tiny:llava"], "model_name_or_path: 'tiny:qwen2_5_vl' -> 'tiny:llava'"),
+        (["--model_name_or_path", "tiny:qwen2_5_vl", "--lora_r", 16], "lora_r: 8 -> 16"),
+    ]:
+        result = run_cli(*recipe, *change, "--max_steps", 2, check=False)
+        assert result.returncode != 0
+        [error] = [line for line in result.stderr.splitlines() if line.startswith("balcaprl train: error:")]
+        assert "holds checkpoints of another run" in error and named in error, error
+        assert "--output_dir" in error and "--resume_from_checkpoint" in error
+        assert "Trainable parameters" not in result.stdout  # refused before the model was built
+
+    # the same run resumes; an explicit resume_from_checkpoint is the user's choice (the differences are logged)
+    rewards = ["--reward_funcs", "world_precision", "world_recall", "world_linguistic", "length_penalty"]
+    resumed = run_cli(*recipe, "--model_name_or_path", "tiny:qwen2_5_vl", "--max_steps", 2, *rewards,
+                      "--resume_from_checkpoint", tmp_path / "checkpoint-1")  # fmt: skip
+    assert "from another run's identity: reward_funcs" in resumed.stderr
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
