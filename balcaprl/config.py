@@ -19,6 +19,18 @@ from balcaprl.length import DEFAULT_WINDOW, LENGTH_UNITS
 LORA_PRESETS = ("language_model", "language_model_attention")
 
 
+def adopt_activation_checkpointing(args) -> None:
+    """Carry ``gradient_checkpointing(_kwargs)`` over to ``activation_checkpointing(_kwargs)`` where transformers has
+    the new names (5.24 and later), so that no FutureWarning is raised on every run; transformers 5.17, the release
+    the ``vllm`` extra pins, knows only the old names, which the recipes therefore keep."""
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if hasattr(args, new) and getattr(args, new) is None and getattr(args, old) is not None:
+            setattr(args, new, getattr(args, old))
+
+
 @dataclass
 class BalCapConfig(GRPOConfig):
     r"""Configuration of `BalCapGRPOTrainer`: every `trl.GRPOConfig` field, plus:
@@ -130,6 +142,7 @@ class BalCapConfig(GRPOConfig):
                 f"{derived!r}). Leave multi_objective_aggregation unset, or choose the estimator instead."
             )
         self.multi_objective_aggregation = derived
+        adopt_activation_checkpointing(self)
         super().__post_init__()
         if self.scale_rewards != "group":
             raise ValueError(
@@ -249,4 +262,5 @@ class CaptionSFTConfig(SFTConfig):
             raise ValueError(
                 f"sft_references must be one of {list(SFT_REFERENCE_MODES)}, got {self.sft_references!r}."
             )
+        adopt_activation_checkpointing(self)
         super().__post_init__()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from balcaprl.checkpoints import (
@@ -200,14 +201,29 @@ def load_training_data(data_args: CaptionDataConfig, seed: int):
     return train, evaluation
 
 
+# Deprecations raised inside other libraries' code, about calls the user cannot change: TRL 1.16
+# (trl/models/utils.py) and PEFT 0.21 (peft_model.py) read `model.is_gradient_checkpointing`, which transformers 5.24
+# renamed; every generation step would print it. Our own settings use the new names where they exist (config.py).
+UPSTREAM_DEPRECATIONS = (r"`is_gradient_checkpointing` is deprecated",)
+
+
+def silence_upstream_deprecations() -> None:
+    for message in UPSTREAM_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def prepare_run(training_args) -> str | None:
     """Seed, threads and logging of a run; returns the checkpoint to resume from (open-r1 style), if any."""
     import transformers
     from transformers import set_seed
 
+    from balcaprl.judge.client import quiet_request_logs
+
     set_seed(training_args.seed)
     apply_thread_settings()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_request_logs()
+    silence_upstream_deprecations()
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     checkpoint = last_checkpoint(training_args)
     if checkpoint is not None:

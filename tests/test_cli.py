@@ -112,3 +112,20 @@ def test_resuming_into_another_run_is_refused_before_any_weights_load(tmp_path, 
                       "--resume_from_checkpoint", tmp_path / "checkpoint-1")  # fmt: skip
     assert "from another run's identity: reward_funcs" in resumed.stderr
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_a_judged_run_is_quiet_at_the_default_log_level(tmp_path, world_jsonl, scripted_server):
+    """6 steps with the three judge rewards: no line per judge request, no FutureWarning (saves included)."""
+    result = run_cli(
+        "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", world_jsonl, "--output_dir", tmp_path,
+        "--model_name_or_path", "tiny:qwen2_5_vl", "--max_steps", 6, "--save_strategy", "steps", "--save_steps", 3,
+        "--reward_funcs", "precision", "recall", "linguistic", "--length_mask_rewards", "linguistic",
+        "--judge_base_url", scripted_server.base_url, "--judge_model", "scripted",
+    )  # fmt: skip
+    assert scripted_server.request_count > 6 * 8  # the judges were called for every caption of every step
+    output = result.stdout + result.stderr
+    assert "HTTP Request" not in output
+    assert "FutureWarning" not in output and "DeprecationWarning" not in output, [
+        line for line in output.splitlines() if "Warning" in line
+    ]
+    assert (tmp_path / "checkpoint-6" / "trainer_state.json").is_file()

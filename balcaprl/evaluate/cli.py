@@ -20,7 +20,7 @@ from balcaprl.evaluate.harness import EvaluationOptions, evaluate_captions
 from balcaprl.evaluate.inputs import read_caption_input
 from balcaprl.evaluate.records import EvaluationDataError, default_name
 from balcaprl.evaluate.run import generate_and_evaluate
-from balcaprl.judge.client import JudgeClient
+from balcaprl.judge.client import JudgeClient, quiet_request_logs
 from balcaprl.judge.config import JudgeConfig
 from balcaprl.rewards.world import WORLD_REWARDS
 
@@ -217,6 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser(prog)
     arguments = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_request_logs()
     try:
         return _run_command(arguments, parser)
     except EvaluationDataError as error:

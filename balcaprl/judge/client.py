@@ -51,6 +51,16 @@ from balcaprl.judge.images import EncodedImage, ImageEncoder, ImageLike
 from balcaprl.judge.messages import Message, _canonical_messages, _with_schema_instruction, extract_json_object
 
 logger = logging.getLogger(__name__)
+# The HTTP client under openai logs each request at INFO ("HTTP Request: POST ..."): at the recipes' scale that is
+# hundreds of lines per training step, burying everything else.
+REQUEST_LOGGERS = ("httpx", "httpx2")  # openai 1.x-2.x use httpx; 3.x its fork httpx2
+
+
+def quiet_request_logs() -> None:
+    """Per-request log lines of the HTTP client only when the root logger is at DEBUG."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in REQUEST_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 COUNTER_NAMES = ("requests", "retries", "failures", "cache_hits", "bytes_sent")
