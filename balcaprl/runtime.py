@@ -201,6 +201,20 @@ def load_training_data(data_args: CaptionDataConfig, seed: int):
     return train, evaluation
 
 
+def require_one_step_of_data(train_dataset, training_args) -> None:
+    """A dataset with fewer prompts than one generation batch trains no step (TRL's sampler drops the partial batch):
+    that is a `RecipeError`, not a run that saves an untrained model and exits 0."""
+    prompts = training_args.generation_batch_size // training_args.num_generations
+    if len(train_dataset) < prompts:
+        raise RecipeError(
+            f"The training data has {len(train_dataset)} usable row(s), fewer than the {prompts} prompts of one "
+            f"generation batch (generation_batch_size {training_args.generation_batch_size} = "
+            f"per_device_train_batch_size x processes x steps_per_generation, / num_generations "
+            f"{training_args.num_generations}): no step would train. Add rows, or lower per_device_train_batch_size "
+            "or gradient_accumulation_steps."
+        )
+
+
 # Deprecations raised inside other libraries' code, about calls the user cannot change: TRL 1.16
 # (trl/models/utils.py) and PEFT 0.21 (peft_model.py) read `model.is_gradient_checkpointing`, which transformers 5.24
 # renamed; every generation step would print it. Our own settings use the new names where they exist (config.py).

@@ -27,6 +27,7 @@ from balcaprl.runtime import (
     prepare_run,
     print_parameter_breakdown,
     require,
+    require_one_step_of_data,
     time_limit_callbacks,
 )
 
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None):
     # 3. data, then rewards (CIDEr-D's document frequencies come from the training references); the judges must
     #    answer before any weights load, or the run would train on zero advantages
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
+    require_one_step_of_data(train_dataset, training_args)
     reward_funcs = build_reward_funcs(reward_args, training_args, corpus_references(train_dataset))
     if training_args.judge_health_check:
         check_judges(reward_funcs, train_dataset[0])

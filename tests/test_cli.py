@@ -129,3 +129,18 @@ def test_a_judged_run_is_quiet_at_the_default_log_level(tmp_path, world_jsonl, s
         line for line in output.splitlines() if "Warning" in line
     ]
     assert (tmp_path / "checkpoint-6" / "trainer_state.json").is_file()
+
+
+def test_too_little_data_for_one_step_is_an_error_not_an_untrained_model(tmp_path):
+    from balcaprl.world.splits import make_split, write_jsonl
+
+    one_row = write_jsonl(make_split("train", 1, seed=0), tmp_path / "data")
+    result = run_cli(
+        "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", one_row, "--output_dir", tmp_path / "run",
+        "--model_name_or_path", "tiny:qwen2_5_vl", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    [error] = [line for line in result.stderr.splitlines() if line.startswith("balcaprl train: error:")]
+    assert "has 1 usable row(s), fewer than the 2 prompts of one generation batch" in error
+    assert "Trainable parameters" not in result.stdout  # refused before the model was built
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
