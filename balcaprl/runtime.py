@@ -135,9 +135,9 @@ def last_checkpoint(training_args) -> str | None:
 
 
 def check_resume_identity(training_args, identity: dict, checkpoint: str | None) -> None:
-    """Refuse to resume a run of ``output_dir`` with another identity (model, LoRA, data, estimator, rewards); store
-    the identity of a run that starts or resumes. An explicit ``resume_from_checkpoint`` is the user's choice: the
-    differences are logged, not refused."""
+    """Refuse to resume a run of ``output_dir`` with another identity (model, LoRA, data, estimator, rewards). An
+    explicit ``resume_from_checkpoint`` is the user's choice: the differences are logged, not refused. The identity is
+    stored by `store_run_identity` once training starts (a run that fails before leaves ``output_dir`` as it was)."""
     differences = identity_differences(training_args.output_dir, identity) if checkpoint is not None else []
     if differences and explicit_resume_checkpoint(training_args) is None:
         raise RecipeError(
@@ -147,6 +147,10 @@ def check_resume_identity(training_args, identity: dict, checkpoint: str | None)
         )
     for difference in differences:
         logger.warning("Resuming %s from another run's identity: %s", checkpoint, difference)
+
+
+def store_run_identity(training_args, identity: dict) -> None:
+    """Record the identity of a run that starts training (the main process writes it)."""
     if training_args.should_save:
         write_run_identity(training_args.output_dir, identity)
 

@@ -29,6 +29,7 @@ from balcaprl.runtime import (
     prepare_run,
     print_parameter_breakdown,
     require,
+    store_run_identity,
     time_limit_callbacks,
 )
 from balcaprl.trainer.sft_collator import CaptionSFTCollator
@@ -51,7 +52,8 @@ def main(argv: Sequence[str] | None = None):
 
     # 2. seed, threads, logging, checkpoint detection
     checkpoint = prepare_run(training_args)
-    check_resume_identity(training_args, run_identity("sft", model_args, data_args, training_args), checkpoint)
+    identity = run_identity("sft", model_args, data_args, training_args)  # before the model path resolves
+    check_resume_identity(training_args, identity, checkpoint)
 
     # 3. data, and the processor: images resized once, as in RL; one row per (image, reference), loss on the caption
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
@@ -86,6 +88,7 @@ def main(argv: Sequence[str] | None = None):
     # 6. train, then save a full checkpoint for the RL stage. With LoRA the adapter is saved first (Trainer.save_model
     #    gathers its weights under ZeRO-3 too), then the main process merges it into the base from disk: the same
     #    merged checkpoint under DDP, ZeRO-2 and ZeRO-3, loadable by every command and by vLLM.
+    store_run_identity(training_args, identity)
     trainer.train(resume_from_checkpoint=checkpoint)
     if model_args.use_peft:
         adapter_dir = os.path.join(training_args.output_dir, LORA_ADAPTER_SUBFOLDER)

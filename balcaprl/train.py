@@ -28,6 +28,7 @@ from balcaprl.runtime import (
     print_parameter_breakdown,
     require,
     require_one_step_of_data,
+    store_run_identity,
     time_limit_callbacks,
 )
 
@@ -51,9 +52,8 @@ def main(argv: Sequence[str] | None = None):
     # 2. seed, threads, logging, checkpoint detection (resume from the newest complete checkpoint in output_dir, if it
     #    belongs to this run)
     checkpoint = prepare_run(training_args)
-    check_resume_identity(
-        training_args, run_identity("train", model_args, data_args, training_args, reward_args), checkpoint
-    )
+    identity = run_identity("train", model_args, data_args, training_args, reward_args)  # before paths resolve
+    check_resume_identity(training_args, identity, checkpoint)
 
     # 3. data, then rewards (CIDEr-D's document frequencies come from the training references); the judges must
     #    answer before any weights load, or the run would train on zero advantages
@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None):
     print_parameter_breakdown(trainer, family)
 
     # 7. train and save
+    store_run_identity(training_args, identity)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:

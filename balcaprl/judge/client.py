@@ -51,9 +51,7 @@ from balcaprl.judge.images import EncodedImage, ImageEncoder, ImageLike
 from balcaprl.judge.messages import Message, _canonical_messages, _with_schema_instruction, extract_json_object
 
 logger = logging.getLogger(__name__)
-# The HTTP client under openai logs each request at INFO ("HTTP Request: POST ..."): at the recipes' scale that is
-# hundreds of lines per training step, burying everything else.
-REQUEST_LOGGERS = ("httpx", "httpx2")  # openai 1.x-2.x use httpx; 3.x its fork httpx2
+REQUEST_LOGGERS = ("httpx", "httpx2")  # openai's HTTP client (1-2: httpx, 3: httpx2) logs each request at INFO
 
 
 def quiet_request_logs() -> None:
