@@ -3,22 +3,24 @@
 Public API: `BalCapConfig`, `BalCapGRPOTrainer`, `compute_advantages`, `length_conditional_mask`.
 """
 
-from balcaprl.advantages import compute_advantages
-from balcaprl.length import length_conditional_mask
+from balcaprl._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = ["BalCapConfig", "BalCapGRPOTrainer", "compute_advantages", "length_conditional_mask", "__version__"]
+__all__ = ["BalCapConfig", "BalCapGRPOTrainer", "__version__", "compute_advantages", "length_conditional_mask"]
+
+# Imported on first use: torch, TRL and transformers take seconds to import, and the console script's cheap checks
+# (a missing recipe, a YAML error) should not wait for them.
+__getattr__, _dir = lazy_exports(
+    __name__,
+    {
+        "BalCapConfig": "config",
+        "BalCapGRPOTrainer": "trainer.grpo",
+        "compute_advantages": "advantages",
+        "length_conditional_mask": "length",
+    },
+)
 
 
-def __getattr__(name):
-    # The trainer pulls in TRL and transformers (seconds to import); the pure math stays importable without them.
-    if name == "BalCapConfig":
-        from balcaprl.config import BalCapConfig
-
-        return BalCapConfig
-    if name == "BalCapGRPOTrainer":
-        from balcaprl.trainer.grpo import BalCapGRPOTrainer
-
-        return BalCapGRPOTrainer
-    raise AttributeError(f"module 'balcaprl' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted([*_dir(), "__version__"])

@@ -23,9 +23,21 @@ from collections.abc import Sequence
 
 
 def _stage_parser(subparsers, name: str, help_text: str) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    parser.add_argument("config", help="recipe YAML, e.g. recipes/qwen2_5_vl_3b/balcaprl.yaml")
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=f"Every recipe key, with its default and help: balcaprl {name} --list-keys [TEXT].",
+    )
+    parser.add_argument("config", nargs="?", help="recipe YAML, e.g. recipes/qwen2_5_vl_3b/balcaprl.yaml")
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="recipe keys to override: --key value ...")
+    parser.add_argument(
+        "--list-keys",
+        nargs="?",
+        const="",
+        metavar="TEXT",
+        help="list the recipe keys (those whose name or help contains TEXT, when given) and exit",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,9 +89,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         from balcaprl.experiments.reproduce import main as reproduce
 
         return reproduce(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from balcaprl.recipe_file import RecipeError, read_recipe
+
+    if args.command in ("train", "sft"):
+        if args.list_keys is not None:
+            from balcaprl.runtime import RL_CONFIG_TYPES, SFT_CONFIG_TYPES, list_keys
+
+            print(list_keys(RL_CONFIG_TYPES if args.command == "train" else SFT_CONFIG_TYPES, args.list_keys or None))
+            return
+        if args.config is None:
+            parser.error(f"balcaprl {args.command} needs a recipe: balcaprl {args.command} RECIPE [--key value ...]")
+        try:  # a missing or broken recipe file fails here, before torch and TRL are imported
+            read_recipe(args.config)
+        except RecipeError as error:
+            sys.exit(f"balcaprl {args.command}: error: {error}")
+
     from balcaprl.judge.guard import JudgeUnavailableError
-    from balcaprl.runtime import RecipeError, end_process_group
+    from balcaprl.runtime import end_process_group
 
     if args.command == "merge":
         from balcaprl.models.loading import merge_adapter

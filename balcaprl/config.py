@@ -19,6 +19,28 @@ from balcaprl.length import DEFAULT_WINDOW, LENGTH_UNITS
 LORA_PRESETS = ("language_model", "language_model_attention")
 
 
+class DefaultMaskedRewards(list):
+    """The default of ``length_mask_rewards`` (``["linguistic"]``), told apart from the same list set on purpose:
+    left at the default in a run without a ``linguistic`` reward (a CIDEr-D recipe), it masks nothing, where a
+    recipe that names a reward its run lacks is an error."""
+
+
+def check_training_values(args) -> None:
+    """Values transformers and TRL accept at parse time but that fail (or train nothing) only once the weights are
+    loaded: each is a ValueError naming the key."""
+    if args.learning_rate < 0:
+        raise ValueError(f"learning_rate must be >= 0, got {args.learning_rate!r}.")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(args, key)!r}.")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(
+            f"max_steps must be a positive number of steps, or -1 for num_train_epochs; got {args.max_steps!r}."
+        )
+    if args.max_steps == -1 and args.num_train_epochs <= 0:
+        raise ValueError(f"num_train_epochs must be > 0 when max_steps is unset, got {args.num_train_epochs!r}.")
+
+
 def adopt_activation_checkpointing(args) -> None:
     """Carry ``gradient_checkpointing(_kwargs)`` over to ``activation_checkpointing(_kwargs)`` where transformers has
     the new names (5.24 and later), so that no FutureWarning is raised on every run; transformers 5.17, the release
@@ -46,7 +68,8 @@ class BalCapConfig(GRPOConfig):
 
     length_mask_rewards (`list[str]`, defaults to `["linguistic"]`):
         Names of the reward functions set to 0 when a caption's length ratio ρ is outside `length_mask_window`.
-        Names absent from the run's reward functions are an error; an empty list turns masking off.
+        Names absent from the run's reward functions are an error, except the default in a run without a
+        `linguistic` reward (e.g. CIDEr-D only), which masks nothing; an empty list turns masking off.
     length_mask_window (`list[float]`, defaults to `[0.5, 2.0]`):
         [low, high] of ρ = len(caption) / mean len(references); both bounds are kept.
     length_unit (`str`, defaults to `"words"`):
@@ -76,7 +99,7 @@ class BalCapConfig(GRPOConfig):
         metadata={"help": "Advantage estimator.", "choices": list(ESTIMATORS)},
     )
     length_mask_rewards: list[str] = field(
-        default_factory=lambda: ["linguistic"],
+        default_factory=lambda: DefaultMaskedRewards(["linguistic"]),
         metadata={"help": "Reward functions zeroed when the caption/reference length ratio is outside the window."},
     )
     length_mask_window: list[float] = field(
@@ -118,7 +141,8 @@ class BalCapConfig(GRPOConfig):
             raise ValueError(f"length_unit must be one of {list(LENGTH_UNITS)}, got {self.length_unit!r}.")
         if isinstance(self.length_mask_rewards, str):
             self.length_mask_rewards = [self.length_mask_rewards]
-        self.length_mask_rewards = list(self.length_mask_rewards or [])
+        if not isinstance(self.length_mask_rewards, DefaultMaskedRewards):
+            self.length_mask_rewards = list(self.length_mask_rewards or [])
         window = list(self.length_mask_window)
         if len(window) != 2 or not 0 <= float(window[0]) <= float(window[1]):
             raise ValueError(f"length_mask_window must be [low, high] with 0 <= low <= high, got {window!r}.")
@@ -131,6 +155,15 @@ class BalCapConfig(GRPOConfig):
             raise ValueError(f"judge_failure_window must be >= 1 step, got {self.judge_failure_window!r}.")
         if self.judge_outage_wait_seconds < 0:
             raise ValueError(f"judge_outage_wait_seconds must be >= 0, got {self.judge_outage_wait_seconds!r}.")
+        if not self.temperature > 0:
+            # transformers and vLLM reject it only at the first generation; greedy decoding would make the G captions
+            # of a group identical (zero advantages). SCST's greedy baseline is decoded greedily whatever this is.
+            raise ValueError(
+                f"temperature must be > 0 (the G captions of a group are sampled at it), got {self.temperature!r}."
+            )
+        if self.max_completion_length is None or self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1 token, got {self.max_completion_length!r}.")
+        check_training_values(self)
         # TRL settings the estimator decides: a value the user chose that the estimator would ignore is an error,
         # not a silent override (TRL's defaults, sum_then_normalize and group, are taken as "not chosen").
         estimator = get_estimator(self.advantage_estimator)
@@ -262,5 +295,6 @@ class CaptionSFTConfig(SFTConfig):
             raise ValueError(
                 f"sft_references must be one of {list(SFT_REFERENCE_MODES)}, got {self.sft_references!r}."
             )
+        check_training_values(self)
         adopt_activation_checkpointing(self)
         super().__post_init__()

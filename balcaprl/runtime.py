@@ -18,6 +18,9 @@ from balcaprl.checkpoints import (
     write_run_identity,
 )
 from balcaprl.config import BalCapConfig, CaptionDataConfig, CaptionModelConfig, CaptionSFTConfig, RewardConfig
+from balcaprl.recipe_file import RecipeError, read_recipe
+
+__all__ = ["RecipeError"]  # defined in balcaprl.recipe_file (importable before torch), raised from here too
 
 logger = logging.getLogger("balcaprl")
 
@@ -28,39 +31,77 @@ SFT_CONFIG_TYPES = (CaptionDataConfig, CaptionSFTConfig, CaptionModelConfig)
 LORA_ADAPTER_SUBFOLDER = "adapter"
 
 
-class RecipeError(ValueError):
-    """A recipe or command line that cannot run: unknown key, bad value, missing required key."""
-
-
 def parse_config(config_types: tuple, argv: Sequence[str] | None = None) -> tuple:
     """Parse ``--config FILE`` plus command-line overrides into ``config_types`` instances (TRL's `TrlParser`).
 
-    Raises `RecipeError` naming the key for an unknown key or a bad value (argparse's own exit on an unknown
-    command-line flag is turned into the same error).
+    Raises `RecipeError` naming the file, line and column for a recipe that is not YAML, and the key for an unknown
+    key or a bad value (argparse's own usage-and-exit is turned into the same one-line error); ``--help`` exits 0.
     """
     from trl import TrlParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" in argv:
         index = argv.index("--config") + 1
-        if index >= len(argv) or not os.path.isfile(argv[index]):
-            raise RecipeError(f"--config needs an existing recipe file, got {argv[index : index + 1] or 'nothing'}.")
-    parser = TrlParser(config_types)
+        if index >= len(argv):
+            raise RecipeError("--config needs a recipe file, got nothing.")
+        read_recipe(argv[index])  # missing file, YAML syntax error, not a mapping: one line naming file and line
+
+    class RecipeParser(TrlParser):
+        # argparse prints its whole usage (60 lines for the RL keys) and exits on a bad value; one line naming the
+        # key is the error instead. No abbreviations: `--num_generation` would be taken for a key it is not.
+        def error(self, message):
+            raise RecipeError(f"{message} (list the keys with `balcaprl {_stage(config_types)} --list-keys [TEXT]`)")
+
+    parser = RecipeParser(config_types, allow_abbrev=False)
     try:
         *configs, remaining = parser.parse_args_and_config(argv, return_remaining_strings=True)
-    except SystemExit as error:  # argparse exits on a bad value; keep its message (already printed) as the error
-        if error.code in (0, None):  # --help: printed, a clean exit
-            raise
-        raise RecipeError(f"invalid command line {argv!r} (see the message above)") from error
     except ValueError as error:  # a dataclass __post_init__ rejected a value; its message names the field
+        if isinstance(error, RecipeError):
+            raise
         raise RecipeError(str(error)) from error
     if remaining:
         unknown = [item.lstrip("-") for item in remaining if item.startswith("--")] or remaining
         raise RecipeError(
             f"Unknown recipe key(s) {unknown}: not a field of {[c.__name__ for c in config_types]}. Check the "
-            "spelling, or see `balcaprl train --help`."
+            f"spelling, or list the keys with `balcaprl {_stage(config_types)} --list-keys [TEXT]`."
         )
     return tuple(configs)
+
+
+def _stage(config_types: tuple) -> str:
+    return "sft" if config_types == SFT_CONFIG_TYPES else "train"
+
+
+def list_keys(config_types: tuple, text: str | None = None) -> str:
+    """Every recipe key of ``config_types`` with its type, default and help, grouped by dataclass; only the keys whose
+    name or help contains ``text`` when given. What `balcaprl train --list-keys` prints."""
+    import dataclasses
+    import re
+
+    lines = []
+    for config_type in config_types:
+        entries = []
+        for item in dataclasses.fields(config_type):
+            if not item.init or item.name.startswith("_"):
+                continue
+            help_text = " ".join(str(item.metadata.get("help", "")).split())
+            if (
+                text
+                and text.lower() not in item.name.lower()
+                and not re.search(rf"\b{re.escape(text)}", help_text, re.I)
+            ):
+                continue  # in a key's name anywhere, in its help at the start of a word ("lora" is not "exploration")
+            if item.default is not dataclasses.MISSING:
+                default = item.default
+            elif item.default_factory is not dataclasses.MISSING:
+                default = item.default_factory()
+            else:
+                default = "(required)"
+            type_name = getattr(item.type, "__name__", str(item.type))
+            entries.append(f"  --{item.name} ({type_name}, default {default!r}): {help_text}")
+        if entries:
+            lines += [f"{config_type.__name__}:", *entries]
+    return "\n".join(lines) if lines else f"No recipe key matches {text!r}."
 
 
 def apply_thread_settings() -> None:
@@ -155,12 +196,15 @@ def store_run_identity(training_args, identity: dict) -> None:
         write_run_identity(training_args.output_dir, identity)
 
 
-def build_reward_funcs(reward_args: RewardConfig, training_args, corpus_references=None) -> list:
-    """Reward functions of the recipe; weights given in the specs fill ``training_args.reward_weights``."""
+def build_reward_funcs(reward_args: RewardConfig, training_args, corpus_references=None, columns=()) -> list:
+    """Reward functions of the recipe, checked as a set (`check_reward_set`: names, masking, TRL's call with the
+    dataset's ``columns``); weights given in the specs fill ``training_args.reward_weights``. Raises `RecipeError`."""
     from balcaprl.rewards import get_reward_funcs, get_reward_weights
+    from balcaprl.trainer.reward_checks import check_reward_set
 
     specs = reward_args.reward_funcs
     try:
+        weights = get_reward_weights(specs)
         funcs = get_reward_funcs(
             specs,
             **reward_args.judge_context(),
@@ -169,11 +213,14 @@ def build_reward_funcs(reward_args: RewardConfig, training_args, corpus_referenc
         )
     except ValueError as error:
         raise RecipeError(f"reward_funcs: {error}") from error
-    weights = get_reward_weights(specs)
     if training_args.reward_weights is None:
         training_args.reward_weights = weights
     elif any(isinstance(spec, dict) and "weight" in spec for spec in specs):
         raise RecipeError("Give reward weights either in reward_funcs entries or in reward_weights, not both.")
+    try:
+        check_reward_set(funcs, training_args, list(columns))
+    except ValueError as error:
+        raise RecipeError(str(error)) from error
     return funcs
 
 

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None):
 
     from balcaprl.data.images import resize_images
     from balcaprl.data.loading import corpus_references
-    from balcaprl.judge.guard import check_judges, judge_guard_callbacks
+    from balcaprl.judge.guard import check_judges, judge_clients, judge_guard_callbacks
     from balcaprl.models.loading import load_policy, peft_config
     from balcaprl.models.processors import image_resize_for
     from balcaprl.trainer.grpo import BalCapGRPOTrainer
@@ -59,9 +59,13 @@ def main(argv: Sequence[str] | None = None):
     #    answer before any weights load, or the run would train on zero advantages
     train_dataset, eval_dataset = load_training_data(data_args, training_args.seed)
     require_one_step_of_data(train_dataset, training_args)
-    reward_funcs = build_reward_funcs(reward_args, training_args, corpus_references(train_dataset))
+    reward_funcs = build_reward_funcs(
+        reward_args, training_args, corpus_references(train_dataset), train_dataset.column_names
+    )
+    # the first row's image opens only for a run with judges, which need a real row to check them on
+    probe_row = train_dataset[0] if judge_clients(reward_funcs) else {}
     if training_args.judge_health_check:
-        check_judges(reward_funcs, train_dataset[0])
+        check_judges(reward_funcs, probe_row)
 
     # 4. processor; images resized once, for the policy, so that the trainer, vLLM and the judge see the same pixels
     family, processor = load_family_and_processor(model_args)
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None):
         # the judge failure budget: a checkpoint and a clear error when the judge goes down mid-run
         callbacks=[
             *time_limit_callbacks(training_args),
-            *judge_guard_callbacks(reward_funcs, training_args, train_dataset[0]),
+            *judge_guard_callbacks(reward_funcs, training_args, probe_row),
         ],
     )
     print_parameter_breakdown(trainer, family)

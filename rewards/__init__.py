@@ -23,6 +23,7 @@ if __name__ != "balcaprl.rewards":  # e.g. `import rewards` from the repository 
 
 import importlib  # noqa: E402
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -138,9 +139,15 @@ def _import_reward(path: str, index: int) -> Any:
     if not attribute:  # also accept package.module.function
         module_name, _, attribute = path.rpartition(".")
     try:
-        return getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"Reward spec #{index}: cannot import {path!r}: {error}") from error
+        module = importlib.import_module(module_name)
+    except Exception as error:  # importing runs the user's module: a SyntaxError or any error at import time
+        raise ValueError(
+            f"Reward spec #{index}: cannot import {module_name!r} for {path!r}: {type(error).__name__}: {error}"
+        ) from error
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ValueError(f"Reward spec #{index}: module {module_name!r} has no {attribute!r} ({path!r}).") from None
 
 
 def get_reward_funcs(specs: Sequence[str | Mapping[str, Any]], **context: Any) -> list[Callable]:
@@ -185,4 +192,17 @@ def get_reward_weights(specs: Sequence[str | Mapping[str, Any]]) -> list[float]:
     """The ``weight`` of each spec (1.0 when absent), in order: the value for ``BalCapConfig.reward_weights``."""
     if isinstance(specs, (str, Mapping)):
         specs = [specs]
-    return [float(spec.get("weight", 1.0)) if isinstance(spec, Mapping) else 1.0 for spec in specs]
+    weights = []
+    for index, spec in enumerate(specs):
+        weight = spec.get("weight", 1.0) if isinstance(spec, Mapping) else 1.0
+        try:
+            weights.append(float(weight))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Reward spec #{index} ({spec.get('name')!r}) has weight {weight!r}, not a number."
+            ) from None
+        if not math.isfinite(weights[-1]):
+            raise ValueError(
+                f"Reward spec #{index} ({spec.get('name')!r}) has weight {weight!r}, not a finite number."
+            )
+    return weights

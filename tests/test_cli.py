@@ -72,7 +72,7 @@ def test_bad_key_fails_before_loading_anything(tmp_path, world_jsonl):
 def test_unknown_reward_fails_with_the_known_ones(tmp_path, world_jsonl):
     result = run_cli(
         "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", world_jsonl, "--output_dir", tmp_path,
-        "--reward_funcs", "world_precision", "bleu", check=False,
+        "--model_name_or_path", "tiny:qwen2_5_vl", "--reward_funcs", "world_precision", "bleu", check=False,
     )  # fmt: skip
     assert result.returncode != 0
     assert "Unknown reward 'bleu'" in result.stderr and "world_recall" in result.stderr
@@ -82,7 +82,7 @@ def test_unknown_reward_fails_with_the_known_ones(tmp_path, world_jsonl):
 def test_missing_dataset_names_the_file(tmp_path):
     result = run_cli(
         "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml", "--dataset", tmp_path / "none.jsonl",
-        "--output_dir", tmp_path / "out", check=False,
+        "--output_dir", tmp_path / "out", "--model_name_or_path", "tiny:qwen2_5_vl", check=False,
     )  # fmt: skip
     assert result.returncode != 0 and "none.jsonl" in result.stderr and "Traceback" not in result.stderr
 

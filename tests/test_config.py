@@ -52,7 +52,10 @@ class TestBalCapConfig:
 class TestTrainerValidation:
     def test_masked_reward_must_be_a_reward_function(self, tiny_models, tmp_path):
         with pytest.raises(ValueError, match=r"length_mask_rewards names \['linguistic'\].*mentions_colour"):
-            make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour])
+            make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour], length_mask_rewards=["linguistic"])
+        # left at its default, ["linguistic"] masks nothing in a run without a linguistic reward
+        trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour])
+        assert trainer.args.length_mask_rewards == ["linguistic"] and trainer._masked_reward_columns == []
 
     def test_trainer_needs_a_balcap_config(self, tiny_models, tmp_path):
         from trl import GRPOConfig
@@ -122,5 +125,8 @@ def test_help_lists_the_recipe_keys_and_exits_cleanly(stage, capsys):
         parse_config(RL_CONFIG_TYPES if stage == "rl" else SFT_CONFIG_TYPES, ["--help"])
     assert exit_info.value.code == 0
     assert "--model_name_or_path" in capsys.readouterr().out
-    with pytest.raises(RecipeError, match="invalid command line"):  # a bad value is still a recipe error
+    # a bad value is still a recipe error, one line naming the key (not argparse's usage and exit)
+    with pytest.raises(RecipeError, match="argument --advantage_estimator.*expected one argument"):
         parse_config(RL_CONFIG_TYPES, ["--advantage_estimator"])
+    with pytest.raises(RecipeError, match="Unknown recipe key.*num_generation'"):  # no abbreviation of a key
+        parse_config(RL_CONFIG_TYPES, ["--use_cpu", "true", "--bf16", "false", "--num_generation", "4"])

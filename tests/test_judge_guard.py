@@ -76,8 +76,7 @@ class TestHealthCheck:
         command = [
             str(Path(sys.executable).parent / "balcaprl"), "train", "recipes/demo/qwen2_5_vl_balcaprl.yaml",
             "--dataset", str(tmp_path / "data" / "data.jsonl"), "--output_dir", str(output_dir),
-            # a model that does not exist: reaching the model-loading stage would fail differently
-            "--model_name_or_path", str(tmp_path / "no-such-model"),
+            "--model_name_or_path", "tiny:qwen2_5_vl",
             "--reward_funcs", "precision", "recall", "linguistic", "--length_mask_rewards", "linguistic",
             "--judge_base_url", url, "--judge_model", "judge", "--judge_max_retries", "1",
             "--judge_backoff_base_s", "0.01",
@@ -90,7 +89,7 @@ class TestHealthCheck:
             f"balcaprl train: error: judge health check failed before training: 'precision' judge at {url}"
         )
         assert "connection error" in last_line and "Traceback" not in result.stderr
-        assert "no-such-model" not in result.stderr and "Loading weights" not in result.stderr
+        assert "Loading weights" not in result.stderr and "Trainable parameters" not in result.stdout
         assert not output_dir.exists() or not any(output_dir.iterdir())
 
 

@@ -247,8 +247,10 @@ class TestRegistry:
             get_reward_funcs(["bleu"])
 
     def test_bad_import_and_bad_kwargs(self):
-        with pytest.raises(ValueError, match="cannot import 'no_such_pkg.rewards:fn'"):
+        with pytest.raises(ValueError, match="cannot import 'no_such_pkg.rewards' for 'no_such_pkg.rewards:fn'"):
             get_reward_funcs(["no_such_pkg.rewards:fn"])
+        with pytest.raises(ValueError, match="module 'balcaprl.rewards.cider' has no 'nope'"):
+            get_reward_funcs(["balcaprl.rewards.cider:nope"])
         with pytest.raises(ValueError, match="'linguistic'.*bad keyword"):
             get_reward_funcs([{"name": "linguistic", "colour": "red"}], **self.JUDGE)
 

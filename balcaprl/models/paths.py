@@ -77,6 +77,32 @@ def adapter_base(model_name_or_path: str, base_model: str | None = None) -> str 
     return base
 
 
+def model_source_problem(model_name_or_path: str) -> str | None:
+    """Why ``model_name_or_path`` cannot be loaded, when that is known without loading: a local path that is not a
+    folder, a folder without a model, or a Hub name missing from the cache of an offline machine. None otherwise
+    (a Hub name online is for loading to judge)."""
+    name = model_name_or_path
+    if name.startswith("tiny:"):
+        return None
+    if os.path.isdir(name):
+        if not any((Path(name) / file).is_file() for file in ("config.json", "adapter_config.json")):
+            return f"model_name_or_path {name}: the folder holds no config.json (nor a LoRA adapter_config.json)."
+        return None
+    if os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.path.exists(name):
+        return (
+            f"model_name_or_path {name}: no such folder (a local path; a Hugging Face Hub name is 'org/name'). "
+            "Point it at a checkpoint folder, e.g. the output_dir of `balcaprl sft`."
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return (
+            f"model_name_or_path {name}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and HF_HUB_OFFLINE "
+            "is set. Download it where the Hub is reachable (`hf download NAME`), or give a local folder."
+        )
+    return None
+
+
 def model_family(model_name_or_path: str) -> str:
     """``"qwen2_5_vl"`` or ``"llava"`` from a checkpoint's config, or a LoRA adapter folder's base's (a clear error
     for anything else)."""

@@ -28,17 +28,21 @@ def check_before_weights(data_args, training_args, model_args) -> None:
     token budget at the recipe's pixel bound. Raises `RecipeError` listing every problem."""
     from transformers import AutoConfig
 
-    from balcaprl.models.paths import adapter_base, resolve_model_path
+    from balcaprl.models.paths import adapter_base, model_source_problem, resolve_model_path
     from balcaprl.runtime import RecipeError
 
     report = PreflightReport()
     check_environment(report, training_args, _zero_stage_of_run(training_args))
     check_output(report, training_args)
-    source = resolve_model_path(model_args.model_name_or_path)
-    try:
-        config = AutoConfig.from_pretrained(adapter_base(source) or source)
-    except (OSError, ValueError):  # not reachable from here (e.g. a Hub name offline): loading reports it
-        config = None
+    config = None
+    if problem := model_source_problem(model_args.model_name_or_path):
+        report.problem("model", problem)
+    else:
+        source = resolve_model_path(model_args.model_name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(adapter_base(source) or source)
+        except (OSError, ValueError):  # not reachable from here (e.g. a Hub name online, no network): loading says
+            pass
     if config is not None and config.model_type in ("llava", "qwen2_5_vl"):
         budget = _budget(config.model_type, config, model_args, data_args, training_args, source, [])
         check_budget(report, budget, training_args, text_config(config).max_position_embeddings)
@@ -110,12 +114,14 @@ def preflight(
     check_environment(report, training_args, hardware.zero_stage if hardware else 0)
     rows = check_data(report, data_args, training_args.seed)
 
+    from balcaprl.models.paths import adapter_base, model_source_problem, resolve_model_path
+
     config_source = model_config or model_args.model_name_or_path
     try:
         from transformers import AutoConfig
 
-        from balcaprl.models.paths import adapter_base, resolve_model_path
-
+        if problem := model_source_problem(config_source):
+            raise ValueError(problem)
         config_source = resolve_model_path(config_source)
         config_source = adapter_base(config_source) or config_source
         config = AutoConfig.from_pretrained(config_source)

@@ -20,7 +20,7 @@ from balcaprl.advantages import compute_advantages, distinct_per_group, get_esti
 from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
-from balcaprl.trainer.reward_checks import checked_reward
+from balcaprl.trainer.reward_checks import check_reward_set, checked_reward, masked_reward_names
 from balcaprl.trainer.vllm import CaptioningVLLMGeneration, swapped_attributes, vision_token_ids
 
 
@@ -69,22 +69,14 @@ class BalCapGRPOTrainer(GRPOTrainer):
             reward_funcs = [reward_funcs]
         if not isinstance(args, BalCapConfig):
             raise TypeError(f"BalCapGRPOTrainer needs args of type BalCapConfig, got {type(args).__name__}.")
+        # before TRL loads a model given by name: the same checks the entry points run before any weights load
+        check_reward_set(reward_funcs, args, getattr(kwargs.get("train_dataset"), "column_names", None) or [])
         _pad_prompts_on_the_left(kwargs.get("processing_class"))
         super().__init__(model, [checked_reward(fn) for fn in reward_funcs], args, **kwargs)
-        duplicates = sorted({name for name in self.reward_func_names if self.reward_func_names.count(name) > 1})
-        if duplicates:
-            # Metrics, masking and reward weights are addressed by name: two functions of one name would be confused.
-            raise ValueError(
-                f"Reward functions must have distinct names; {duplicates} appear more than once in "
-                f"{self.reward_func_names}. Give each its own __name__ (e.g. a factory that sets it)."
-            )
-        unknown = [name for name in self.args.length_mask_rewards if name not in self.reward_func_names]
-        if unknown:
-            raise ValueError(
-                f"length_mask_rewards names {unknown}, which are not reward functions of this run; "
-                f"the reward functions are {self.reward_func_names}."
-            )
-        self._masked_reward_columns = [self.reward_func_names.index(name) for name in self.args.length_mask_rewards]
+        self._masked_reward_columns = [
+            self.reward_func_names.index(name)
+            for name in masked_reward_names(self.args.length_mask_rewards, self.reward_func_names)
+        ]
         self._length_fn = word_length if self.args.length_unit == "words" else self._token_length
         # Judge clients of the reward functions (shared clients counted once), for the judge/* metrics.
         judges = (getattr(fn, "judge", None) for fn in self.reward_funcs)
