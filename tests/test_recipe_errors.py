@@ -196,3 +196,28 @@ def test_list_keys_prints_every_key_with_its_help():
     filtered = run_cli("train", "--list-keys", "lora").stdout
     assert "--lora_r (" in filtered and "--temperature (" not in filtered and "--entropy_coef" not in filtered
     assert "--sft_references (" in run_cli("sft", "--list-keys").stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "too wide"])
+def test_a_bad_image_ends_before_the_weights_load_naming_row_and_file(tmp_path, damage):
+    """Data found bad at start-up, not hours in: a truncated PNG, or a 1x300 strip Qwen2-VL's resize refuses."""
+    from PIL import Image
+
+    from balcaprl.train import main
+    from balcaprl.world.splits import make_split, write_jsonl
+
+    write_jsonl(make_split("train", 24, seed=0), tmp_path / "data")
+    image = tmp_path / "data" / "images" / "000005.png"
+    if damage == "truncated":
+        image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    else:
+        Image.new("RGB", (300, 1), (200, 30, 30)).save(image)
+    with pytest.raises(RecipeError) as error:
+        main([
+            "--config", str(DEMO_RECIPE), "--dataset", str(tmp_path / "data" / "data.jsonl"),
+            "--output_dir", str(tmp_path / "out"), "--model_name_or_path", "tiny:qwen2_5_vl", "--max_steps", "1",
+        ])  # fmt: skip
+    message = str(error.value)
+    assert "row 5" in message and "000005.png" in message and len(message.splitlines()) == 1
+    assert ("unreadable image" if damage == "truncated" else "aspect ratio over 200:1") in message
+    assert not (tmp_path / "out").exists()

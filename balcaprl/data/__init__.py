@@ -10,7 +10,8 @@ Three sources, one entry point (`load_caption_dataset`):
   the file's folder, extra keys (e.g. a ``scene`` dict) become columns.
 
 Every row is ``prompt`` (``[{"role": "user", "content": instruction}]``, into which TRL inserts the image), ``image``
-(a `PIL.Image.Image` in RGB) and ``references`` (a non-empty ``list[str]``), plus the source's extra columns.
+(a `PIL.Image.Image` in 8-bit RGB, converted by `to_rgb`: 16-bit grey scaled to 8 bits, not clipped; transparency
+composited on white) and ``references`` (a non-empty ``list[str]``), plus the source's extra columns.
 
 Images are opened lazily: the dataset stores paths (or the source's bytes) under a ``datasets.Image(decode=False)``
 feature, and a ``with_transform`` formatter opens each image when its row is read — so ``dataset.features["image"]``
@@ -20,17 +21,26 @@ included.
 
 Bad rows. Rows are named by their place in the source ("row 4 (images[4]) of dataset_coco.json", "row 2 (line 3)
 of captions.jsonl", "row 7 of split 'train' of <dataset>"), which stays true after shuffling or selecting. (An image
-stored as bytes inside a Hugging Face dataset has no path to find its row by: its decoding error names the dataset.)
+stored as bytes inside a Hugging Face dataset has no path to find its row by once loaded: an error reading it names
+the dataset.) Malformed sources always raise, naming the file and line (JSONL, JSON syntax) or entry and key
+(Karpathy).
 
-- ``on_bad_image="error"`` (default): at load, a row without references (no key, an empty list, blank strings) is a
-  `ValueError` and a missing image file a `FileNotFoundError`, naming the first such row, its image path and the
-  source. Files are not decoded at load: one that cannot be decoded raises a `ValueError` naming row, path and source
-  when its row is read — never an error deep inside a processor.
-- ``on_bad_image="skip"``: such rows, and files that fail ``PIL.Image.verify()``, are dropped. The rows skipped, with
-  their paths and reasons, are logged (a warning listing the first few) and returned in a `LoadReport` by
-  `load_caption_dataset_with_report`. ``verify`` misses some damage (e.g. a truncated JPEG body); such a file still
-  raises, with its row, when read.
-- Malformed sources always raise, naming the file and line (JSONL, JSON syntax) or entry and key (Karpathy).
+Rows are checked at load, within a bounded budget, whatever the policy: every row must have references and an
+existing image file whose header PIL reads (format and size), with an aspect ratio of at most 200:1
+(`MAX_ASPECT_RATIO`: Qwen2-VL's resize refuses wider images, and LLaVA's centre crop keeps a sliver of them). Images
+are also decoded in full and converted to RGB, as reading their row does: all of them when at most
+`DECODE_CHECK_ROWS` (512) rows are examined, else a seeded random sample of 512, plus the dataset's first row. (The
+cost, measured: docs/performance.md.) A row that fails a check follows ``on_bad_image``:
+
+- ``"error"`` (default): one `ValueError` line (`FileNotFoundError` for a missing file) naming the first such row,
+  its image path and the source.
+- ``"skip"``: the row is dropped. Every image is then also verified (``PIL.Image.verify``: PNG checksums, which reads
+  each PNG whole). The rows skipped, with their paths and reasons, are logged (a warning listing the first few) and
+  returned in a `LoadReport` by `load_caption_dataset_with_report`.
+
+Damage the budget leaves unseen (e.g. a truncated JPEG body outside the decode sample) surfaces when its row is read,
+at any step of a run, as one `ValueError` line naming the row and the file, whatever the policy: a row already drawn
+into a batch cannot be skipped.
 
 Image size. With an `ImageResize` (``image_resize=``, or `resize_images` on a loaded dataset;
 `balcaprl.models.image_resize_for` derives it from the policy's processor), each image is resized once, when its row
@@ -56,6 +66,7 @@ __all__ = [
     "load_caption_dataset",
     "load_caption_dataset_with_report",
     "resize_images",
+    "to_rgb",
     "to_sft",
 ]
 
@@ -69,6 +80,7 @@ __getattr__, __dir__ = lazy_exports(
         "corpus_references": "loading",
         "ImageResize": "images",
         "resize_images": "images",
+        "to_rgb": "images",
         "to_sft": "sft",
         "FORMATS": "constants",
         "BAD_IMAGE_POLICIES": "constants",

@@ -1,5 +1,6 @@
-"""The one image resize of the data path (`ImageResize`, `resize_images`) and the formatter that opens each row's
-image when it is read, naming its source row on failure.
+"""The images of the data path: one conversion to RGB (`to_rgb`), one resize (`ImageResize`, `resize_images`), the
+load-time check of an image file (`image_problem`) and the formatter that opens each row's image when it is read,
+naming its source row on failure.
 """
 
 from __future__ import annotations
@@ -8,11 +9,108 @@ import copy
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
+import numpy as np
 from datasets import Dataset
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from balcaprl.data.constants import MAX_ASPECT_RATIO
+
+# Single-channel modes of more than 8 bits. PIL's convert("RGB") clips their values at 255, so a 16-bit photo comes out
+# nearly all white; `to_rgb` scales them instead. (16-bit RGB, RGBA and LA PNGs are not among them: PIL opens those
+# as 8-bit RGB / RGBA already, keeping the high byte.)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+WIDE_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as an 8-bit RGB image: the one conversion of the data path (every row's image goes through it).
+
+    - RGB: returned as is. L, 1, CMYK, YCbCr, P without transparency, ...: PIL's ``convert("RGB")``.
+    - 16-bit grey (modes ``I;16``, ``I;16B``, ``I;16L``, ``I;16N``; a 16-bit grey PNG or TIFF): value >> 8, so 65535 →
+      255 (``convert("RGB")`` would clip every value above 255 to white).
+    - ``I`` (32-bit integers): as 16-bit when every value lies in 0..65535 (how older PIL opened 16-bit PNGs), else
+      its range min..max is stretched to 0..255.
+    - ``F`` (32-bit floats): values in [0, 1] are scaled by 255; any other range min..max is stretched to 0..255
+      (a constant image then is black). NaN counts as 0.
+    - Transparency (RGBA, LA, PA, RGBa, La, or a ``transparency`` key: P palettes, L / RGB colour keys): composited on
+      white, as image viewers show it and as the judge's JPEG encoding does, rather than keeping the colour stored
+      under transparent pixels (often black, which turns a black-on-transparent drawing all black).
+    """
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return image
+    if mode in WIDE_MODES:
+        return Image.fromarray(_to_8_bit(np.asarray(image), mode)).convert("RGB")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
+        flattened = Image.new("RGB", rgba.size, (255, 255, 255))
+        flattened.paste(rgba, mask=rgba.getchannel("A"))
+        return flattened
+    return image.convert("RGB")
+
+
+def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """The values of a single-channel image of ``mode`` (one of `WIDE_MODES`) as uint8, as `to_rgb` describes."""
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and values.size and 0 <= values.min() and values.max() <= 65535):
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode == "F" and 0.0 <= low and high <= 1.0:
+        scaled = values * 255.0
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def too_wide(width: int, height: int) -> bool:
+    """Whether an image of ``width`` x ``height`` has an aspect ratio over `MAX_ASPECT_RATIO` (or a zero side)."""
+    return min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height)
+
+
+def aspect_problem(width: int, height: int) -> str:
+    """The reason `image_problem` gives for an image `too_wide`."""
+    return f"aspect ratio over {MAX_ASPECT_RATIO}:1 ({width}x{height} pixels), which Qwen2-VL's resize refuses"
+
+
+def decode_image(source: str | BinaryIO) -> Image.Image:
+    """The image at ``source`` (a path or a binary file), decoded now and converted by `to_rgb`.
+
+    Raises what PIL raises: `FileNotFoundError`, `PIL.UnidentifiedImageError`, `OSError` ("image file is truncated"),
+    `SyntaxError`, ... Decoding here (``load``) makes damage surface at once, not later inside a processor.
+    """
+    with Image.open(source) as image:  # leaving the block closes the file only; the decoded pixels stay
+        image.load()
+        return to_rgb(image)
+
+
+def image_problem(source: str | bytes, *, verify: bool, decode: bool) -> str | None:
+    """Why the image at ``source`` (a path, or the file's bytes) is unusable, or None: the load-time check of a row.
+
+    The image is opened (PIL reads the header: format and size) and must not be wider than `MAX_ASPECT_RATIO`.
+    ``verify`` adds ``Image.verify`` (PNG: every chunk's checksum, so it reads the whole file; JPEG: little more than
+    the header). ``decode`` decodes it in full and converts it to RGB exactly as reading its row does
+    (`decode_image`), which catches what neither shows, such as a truncated JPEG body.
+    """
+
+    def file():  # a fresh one each time: after verify, PIL needs the image opened again to decode it
+        return io.BytesIO(source) if isinstance(source, bytes) else source
+
+    try:
+        with Image.open(file()) as image:
+            width, height = image.size
+            if verify:
+                image.verify()
+        if decode:
+            decode_image(file())
+    except Exception as error:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
+        return f"unreadable image ({_one_line(error)})"
+    return aspect_problem(width, height) if too_wide(width, height) else None
 
 
 @dataclass(frozen=True)
@@ -37,7 +135,17 @@ class ImageResize:
             )
 
     def size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) an image of ``width`` x ``height`` is resized to."""
+        """(width, height) an image of ``width`` x ``height`` is resized to.
+
+        Raises:
+            ValueError: an aspect ratio over `MAX_ASPECT_RATIO`, which ``smart_resize`` refuses (the loader keeps such
+                images out of a dataset, following ``on_bad_image``).
+        """
+        if too_wide(width, height):
+            raise ValueError(
+                f"A {width}x{height} image has an aspect ratio over {MAX_ASPECT_RATIO}:1, which Qwen2-VL's resize "
+                "(transformers' smart_resize) refuses; load_caption_dataset leaves such rows out (on_bad_image)."
+            )
         resized_height, resized_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
         return resized_width, resized_height
 
@@ -107,26 +215,41 @@ class _RowDecoder:
         return (self._lookup.get(path) if path else None) or f"a row of {self.source}"
 
     def open(self, value: Any) -> Image.Image:
-        """Decode one stored image (``{"path", "bytes"}``, a path, or an already open image) to an RGB image."""
-        if isinstance(value, Image.Image):
-            return self._resized(value)
-        path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
-        if data is None and path is None:
-            raise ValueError(f"{self.origin(None)}: the row has no image.")
-        try:
-            image = Image.open(io.BytesIO(data) if data is not None else path)
-            image.load()  # decode now: damage surfaces here, not inside a processor
-        except FileNotFoundError as error:
-            raise FileNotFoundError(f"{self.origin(path)}: image file {path!r} not found.") from error
-        except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            shown = f"image {path!r}" if path else "image bytes stored in the dataset"
-            raise ValueError(
-                f"{self.origin(path)}: cannot decode {shown} ({type(error).__name__}: {error})."
-            ) from error
-        return self._resized(image if image.mode == "RGB" else image.convert("RGB"))
+        """Decode one stored image (``{"path", "bytes"}``, a path, or an already open image) to a resized RGB image.
 
-    def _resized(self, image: Image.Image) -> Image.Image:
-        return image if self.resize is None else self.resize(image)
+        A failure here, at any step of a run, is one line naming the source row and the file (``from None``: PIL's
+        own exception would only repeat it, as a second traceback). ``on_bad_image="skip"`` cannot apply this late:
+        the sampler has already put the row in a batch whose size the trainer relies on (GRPO groups its generations
+        by prompt), so there is no safe way to drop it; the load-time check (`image_problem`) is where rows are
+        skipped.
+        """
+        path, data = None, None
+        if isinstance(value, Image.Image):
+            image = to_rgb(value)
+        else:
+            path, data = (value.get("path"), value.get("bytes")) if isinstance(value, dict) else (value, None)
+            if data is None and path is None:
+                raise ValueError(f"{self.origin(None)}: the row has no image.")
+            try:
+                image = decode_image(io.BytesIO(data) if data is not None else path)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{self.origin(path)}: image file {path!r} not found.") from None
+            except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+                raise ValueError(f"{self.origin(path)}: cannot decode {_shown(path)} ({_one_line(error)}).") from None
+        if self.resize is None:
+            return image
+        try:
+            return self.resize(image)
+        except ValueError as error:  # too wide for the resize: the load-time check refuses such files, unless changed
+            raise ValueError(f"{self.origin(path)}: {_shown(path)}: {error}") from None
+
+
+def _shown(path: str | None) -> str:
+    return f"image {path!r}" if path else "image bytes stored in the dataset"
+
+
+def _one_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _drop_empty_fields(messages):

@@ -5,18 +5,24 @@
 from __future__ import annotations
 
 import inspect
-import io
+import itertools
 import logging
 import os
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
-from PIL import Image
 
-from balcaprl.data.constants import BAD_IMAGE_POLICIES, DEFAULT_INSTRUCTION, FORMATS, IMAGE_NOT_FOUND
+from balcaprl.data.constants import (
+    BAD_IMAGE_POLICIES,
+    DECODE_CHECK_ROWS,
+    DEFAULT_INSTRUCTION,
+    FORMATS,
+    IMAGE_NOT_FOUND,
+)
 from balcaprl.data.formats import (
     PROMPT_FEATURE,
     _add_column,
@@ -26,13 +32,27 @@ from balcaprl.data.formats import (
     _read_karpathy,
     _SourceRows,
 )
-from balcaprl.data.images import ImageResize, _RowDecoder
+from balcaprl.data.images import ImageResize, _RowDecoder, image_problem
 
 logger = logging.getLogger(__name__)
 
 
 # How many offending rows a log line or an error message lists before saying "and N more".
 _LISTED_ROWS = 5
+
+
+# Threads of the load-time image check: file reads and PIL's decoders release the GIL, and on network storage the
+# latency of opening many small files, not CPU, bounds the check.
+_CHECK_THREADS = 4
+
+
+# Rows checked per round of the threads: bounds the work done past the first bad row (on_bad_image="error") and the
+# image bytes held at once (images stored inside a Hugging Face dataset).
+_CHECK_CHUNK = 256
+
+
+# Rows per task of a thread: a header check takes ~0.05 ms, about what handing one task to a thread costs.
+_TASK_ROWS = 16
 
 
 @dataclass
@@ -49,7 +69,8 @@ class LoadReport:
     """What `load_caption_dataset_with_report` read: rows kept and rows skipped (``on_bad_image="skip"``).
 
     ``num_candidates`` counts the source rows of the split that were examined: all of them, or, with ``max_samples``,
-    those drawn until enough usable rows were found.
+    those drawn until enough usable rows were found. ``num_decoded`` counts the images among them decoded in full at
+    load (`DECODE_CHECK_ROWS`); every other one had its header read (and, with ``"skip"``, verified).
     """
 
     source: str
@@ -57,6 +78,7 @@ class LoadReport:
     split: str
     num_rows: int = 0
     num_candidates: int = 0
+    num_decoded: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
 
     @property
@@ -66,6 +88,7 @@ class LoadReport:
     def summary(self) -> str:
         """One line for logs, listing the first skipped rows."""
         text = f"{self.num_rows} rows from {self.source} (format {self.format!r}, split {self.split!r})"
+        text += f", {self.num_decoded} of {self.num_candidates} images decoded to check them"
         if self.skipped:
             listed = "; ".join(
                 f"{row.origin}{f' ({row.path})' if row.path else ''}: {row.reason}"
@@ -96,8 +119,14 @@ def load_caption_dataset(source: str | os.PathLike | Dataset | DatasetDict, **op
         instruction: text of the user turn; every row's ``prompt`` is ``[{"role": "user", "content": instruction}]``.
         max_samples: keep at most this many rows: a random subset (drawn with ``seed``, kept in source order), since
             sources are often sorted (by split, by origin) so that their first rows are not representative.
-        on_bad_image: ``"error"`` or ``"skip"``; see the module docstring. ``"skip"`` also drops rows without
-            references (they can never be scored).
+        on_bad_image: ``"error"`` or ``"skip"``: what a row failing the load-time check becomes, an error naming the
+            row and its file, or a dropped row counted in the `LoadReport`; ``"skip"`` also drops rows without
+            references (they can never be scored). The check, within a bounded budget (see `balcaprl.data`): every
+            image's header is read (format, size, an aspect ratio of at most `MAX_ASPECT_RATIO` = 200:1) and, with
+            ``"skip"``, verified; images are decoded in full, as reading their row does, for all rows when at most
+            `DECODE_CHECK_ROWS` = 512 are examined, else for a seeded sample of 512 and the dataset's first row. An
+            image the budget did not decode and that cannot be decoded fails when its row is read, naming row and
+            file.
         seed: seed of the ``max_samples`` draw.
         restval_as_train: Karpathy only: whether ``split="train"`` includes the ``restval`` images (113,287 COCO
             training images, as in the GRPO-captioning paper) or not (82,783).
@@ -105,13 +134,15 @@ def load_caption_dataset(source: str | os.PathLike | Dataset | DatasetDict, **op
         image_resize: resize every image once, as it is read (see `ImageResize`); None keeps the source size.
 
     Returns:
-        A `datasets.Dataset` whose rows hold a `PIL.Image.Image` (RGB) under ``image``. Columns: ``prompt``,
-        ``image``, ``references``, then the source's other columns (Karpathy: ``image_id`` and ``split``).
+        A `datasets.Dataset` whose rows hold a `PIL.Image.Image` (8-bit RGB, see `to_rgb`) under ``image``.
+        Columns: ``prompt``, ``image``, ``references``, then the source's other columns (Karpathy: ``image_id`` and
+        ``split``).
 
     Raises:
         FileNotFoundError: the source or (``on_bad_image="error"``) a row's image file does not exist.
         ValueError: a malformed source (the message names the file, line or row and key), a row without references
-            (``on_bad_image="error"``), no usable row at all, or an invalid argument.
+            or with an unreadable or too wide image (``on_bad_image="error"``), no usable row at all, or an invalid
+            argument.
     """
     return load_caption_dataset_with_report(source, **options)[0]
 
@@ -190,52 +221,99 @@ def corpus_references(dataset: Dataset, column: str = "references") -> list[list
     return corpus
 
 
-def _image_problem(path: str | None, verify: bool, stored_images: Dataset, index: int) -> str | None:
-    """Why the image of row ``index`` is unusable, or None: a file must exist; ``verify`` also runs PIL's check.
+class _ImageCheck:
+    """`image_problem` of a row's image (or the row's own problem, or a missing file), callable from the checking
+    threads; returns (problem or None, whether the image was decoded in full)."""
 
-    ``path`` is None for images stored as bytes in ``stored_images`` (a one-column table of undecoded images).
-    """
-    if path is not None and not os.path.isfile(path):
-        return IMAGE_NOT_FOUND
-    if not verify:
-        return None
-    try:
-        source = path if path is not None else io.BytesIO(stored_images[index]["image"]["bytes"])
-        with Image.open(source) as handle:
-            handle.verify()
-    except Exception as error:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
-        return f"unreadable image ({type(error).__name__}: {error})"
-    return None
+    def __init__(self, rows: _SourceRows, verify: bool, decoded: set[int]):
+        self.rows = rows
+        self.verify = verify
+        self.decoded = decoded
+        self.stored_images = rows.table.select_columns(["image"]).with_format(None)
+
+    def __call__(self, index: int, decode: bool | None = None) -> tuple[str | None, bool]:
+        if self.rows.problems[index] is not None:
+            return self.rows.problems[index], False
+        path = self.rows.paths[index]
+        if path is not None and not os.path.isfile(path):
+            return IMAGE_NOT_FOUND, False
+        decode = index in self.decoded if decode is None else decode
+        source = path if path is not None else self.stored_images[index]["image"]["bytes"]
+        return image_problem(source, verify=self.verify, decode=decode), decode
+
+    def many(self, indices: list[int]) -> list[tuple[str | None, bool]]:
+        return [self(index) for index in indices]
 
 
 def _select_rows(rows: _SourceRows, on_bad_image: str, max_samples: int | None, seed: int, report: LoadReport):
-    """Sorted indices of the rows to keep; raises on the first bad row with ``"error"``, records it with ``"skip"``."""
+    """Sorted indices of the rows to keep; raises on the first bad row with ``"error"``, records it with ``"skip"``.
+
+    Rows are examined in source order, or, with ``max_samples``, in a seeded random order until enough usable rows
+    are found. Every image's header is read (`image_problem`); with ``"skip"`` every image is also verified, because
+    a bad row found later, when the trainer reads it, can no longer be skipped (with ``"error"`` it is the same
+    one-line error, only later). The images of the decode sample (`DECODE_CHECK_ROWS`) and of the dataset's first
+    row are decoded in full.
+    """
     order = list(range(len(rows.origins)))
     if max_samples is not None and max_samples < len(order):
         random.Random(seed).shuffle(order)
+        decoded = set(order[:DECODE_CHECK_ROWS])  # the first rows examined, already a seeded random draw
+    elif len(order) <= DECODE_CHECK_ROWS:
+        decoded = set(order)
+    else:
+        decoded = set(random.Random(seed).sample(order, DECODE_CHECK_ROWS))
     skip = on_bad_image == "skip"
-    stored_images = rows.table.select_columns(["image"]).with_format(None)
-    keep = []
-    for index in order:
-        if max_samples is not None and len(keep) == max_samples:
-            break
-        report.num_candidates += 1
-        path = rows.paths[index]
-        problem = rows.problems[index] or _image_problem(path, skip, stored_images, index)
-        if problem is None:
-            keep.append(index)
-        elif skip:
-            report.skipped.append(SkippedRow(rows.origins[index], path, problem))
-        else:
-            hint = "Fix the data, or load with on_bad_image='skip' to drop such rows."
-            if problem == IMAGE_NOT_FOUND:
-                raise FileNotFoundError(f"{rows.origins[index]}: image file {path!r} not found. {hint}")
-            image = f" (image {path!r})" if path else ""
-            raise ValueError(f"{rows.origins[index]}: {problem}{image}. {hint}")
+    check = _ImageCheck(rows, skip, decoded)
+    keep: list[int] = []
+    position = 0
+
+    def reject(index: int, problem: str) -> None:
+        if not skip:
+            raise _bad_row_error(rows.origins[index], rows.paths[index], problem)
+        report.skipped.append(SkippedRow(rows.origins[index], rows.paths[index], problem))
+
+    pool = ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="balcaprl-image-check")
+    try:
+        while True:
+            while position < len(order) and (max_samples is None or len(keep) < max_samples):
+                wanted = _CHECK_CHUNK if max_samples is None else min(_CHECK_CHUNK, max_samples - len(keep))
+                chunk = order[position : position + wanted]
+                position += len(chunk)
+                tasks = [chunk[start : start + _TASK_ROWS] for start in range(0, len(chunk), _TASK_ROWS)]
+                for index, (problem, was_decoded) in zip(chunk, itertools.chain(*pool.map(check.many, tasks))):
+                    report.num_candidates += 1
+                    report.num_decoded += was_decoded
+                    if problem is None:
+                        keep.append(index)
+                    else:
+                        reject(index, problem)
+            # The entry points read the dataset's first row before training (the judges' health check): decode it
+            # too, and if it is bad and skipped, fill its place (with max_samples) and check the new first row.
+            first = min(keep, default=None)
+            if first is None or first in decoded:
+                break
+            decoded.add(first)
+            problem, _ = check(first, decode=True)
+            report.num_decoded += 1
+            if problem is None:
+                break
+            keep.remove(first)
+            reject(first, problem)
+    finally:
+        pool.shutdown(cancel_futures=True)
     report.num_rows = len(keep)
     if not keep:
         raise ValueError(f"No usable row in {rows.source} (split {report.split!r}): {report.summary()}.")
     return sorted(keep)
+
+
+def _bad_row_error(origin: str, path: str | None, problem: str) -> Exception:
+    """The one-line error of a bad row under ``on_bad_image="error"``, naming the row and its image file."""
+    hint = "Fix the data, or load with on_bad_image='skip' to drop such rows."
+    if problem == IMAGE_NOT_FOUND:
+        return FileNotFoundError(f"{origin}: image file {path!r} not found. {hint}")
+    image = f" (image {path!r})" if path else ""
+    return ValueError(f"{origin}: {problem}{image}. {hint}")
 
 
 def _origins_by_path(rows: _SourceRows, keep: list[int]) -> tuple[list[str], list[str]]:

@@ -94,14 +94,27 @@ def check_output(report: PreflightReport, training_args) -> None:
 
 
 def check_data(report: PreflightReport, data_args, seed: int) -> list[dict]:
-    """Load a sample of the training rows and open their images; returns the rows (empty on failure)."""
+    """Load a sample of the training rows and open their images; returns the rows (empty on failure).
+
+    A bad image (unreadable, truncated, too wide for Qwen2-VL's resize) is a problem naming its row and file with
+    ``on_bad_image: error``; with ``skip`` the loader's line about the rows it skipped is shown.
+    """
     import copy
+    import logging
 
     from balcaprl.runtime import load_training_data
 
     sample_args = copy.copy(data_args)
     sample_args.max_train_samples = min(data_args.max_train_samples or DATA_SAMPLE_ROWS, DATA_SAMPLE_ROWS)
     sample_args.eval_split = None
+    skip_lines: list[str] = []
+
+    class SkippedRows(logging.Handler):  # the loader logs the rows it skipped as one warning
+        def emit(self, record: logging.LogRecord) -> None:
+            skip_lines.append(record.getMessage())
+
+    skipped, loader_log = SkippedRows(logging.WARNING), logging.getLogger("balcaprl.data.loading")
+    loader_log.addHandler(skipped)
     try:
         dataset, _ = load_training_data(sample_args, seed)
         rows = [dataset[index] for index in range(len(dataset))]  # decoding opens every image
@@ -109,6 +122,8 @@ def check_data(report: PreflightReport, data_args, seed: int) -> list[dict]:
         report.problem("data", " ".join(str(error).split()))
         report.add("data", f"dataset {data_args.dataset}: failed to load")
         return []
+    finally:
+        loader_log.removeHandler(skipped)
     without_references = [index for index, row in enumerate(rows) if not row.get("references")]
     if without_references:
         report.problem("data", f"rows {without_references[:5]} of the sample have no references.")
@@ -117,6 +132,7 @@ def check_data(report: PreflightReport, data_args, seed: int) -> list[dict]:
     report.add(
         "data", f"dataset {data_args.dataset}: {len(rows)} sampled rows load, images open (largest "
         f"{largest[0]}x{largest[1]}), references present"
+        + "".join(f"\non_bad_image skip: {line}" for line in skip_lines)
     )  # fmt: skip
     return rows
 
@@ -139,7 +155,7 @@ def check_judge(report: PreflightReport, reward_args, training_args, rows: list[
 
         table = Dataset.from_list([{"references": row["references"]} for row in rows]) if rows else None
         references = corpus_references(table) if rows else [["a"]]
-        funcs = build_reward_funcs(reward_args, training_args, references)
+        funcs = build_reward_funcs(reward_args, training_args, references, list(rows[0]) if rows else ())
     except (RecipeError, ValueError) as error:
         report.problem("judge", str(error))
         return
