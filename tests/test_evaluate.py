@@ -307,8 +307,8 @@ class TestJudgeSections:
         assert dcscore["f1"] == pytest.approx(2 * 0.625 * 0.375 / (0.625 + 0.375), rel=1e-12)
         assert dcscore["f1_mean"] == pytest.approx((1 / 2 + 2 / 3 + 2 / 3 + 0) / 4, rel=1e-12)
         assert dcscore["evidence_counts"] == {"image": 4, "references": 1}
-        # The reference was decomposed once for both sections (shared RecallReward + the judge's request sharing).
-        assert scripted_server.judge.calls[f"decompose:{REFERENCE}"] == 1
+        # Decomposed once for both sections (shared RecallReward + request sharing), once by the health check.
+        assert scripted_server.judge.calls[f"decompose:{REFERENCE}"] == 1 + 1
 
     def test_captionqa_accuracy_per_category(self, report):
         captionqa = report["captionqa"]

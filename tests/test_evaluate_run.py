@@ -108,12 +108,14 @@ def test_tiny_model_on_the_world_end_to_end_with_exact_judges(tiny_models, world
     assert (output / "metrics.png").is_file() and (output / "length.png").is_file()
 
 
-def test_real_llama_cpp_judge_on_generated_captions(tiny_models, world_data, llama_cpp_base_url, tmp_path):
+def test_real_llama_cpp_judge_on_generated_captions(tiny_models, world_data, llama_cpp_base_url, tmp_path, capsys):
     """The text judges of SmolLM2-135M (llama.cpp, no vision projector) on 2 generated captions.
 
-    The server rejects image parts (HTTP 500 "image input is not supported"), so precision is not scored and the
-    report says why; recall and linguistic go through. Rerun with --judge-text-only: no image is sent, precision is
-    counted as "no image", and the text answers come from the judge's cache.
+    The server rejects image parts (HTTP 500 "image input is not supported"): the health check says so before any
+    caption is generated. Past it (--no-judge-health-check), precision scores nothing, the report says why (the
+    health check after scoring: the text requests pass, the image one fails) and the command exits 1. With
+    --judge-text-only no image is sent, precision is counted as "no image", and the text answers come from the
+    judge's cache.
     """
     output = tmp_path / "out"
     common = [
@@ -122,13 +124,30 @@ def test_real_llama_cpp_judge_on_generated_captions(tiny_models, world_data, lla
         "--judge-base-url", llama_cpp_base_url, "--judge-model", "smollm2", "--judge-max-retries", "0",
         "--judge-timeout", "60", "--judge-max-tokens", "96", "--judge-cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
-    assert evaluate_main(common) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(common)
+    assert exit_info.value.code == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("python -m balcaprl.evaluate: error: judge health check failed before generating ")
+    assert f"'precision' judge at {llama_cpp_base_url} (model 'smollm2'): HTTP 500, after 1 attempt" in line
+    assert "'linguistic'" not in line and "'recall'" not in line  # the text requests passed
+    assert "cannot score precision" in line and "--judge-text-only" in line
+    assert not output.exists()  # nothing generated
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([*common, "--no-judge-health-check"])
+    assert exit_info.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("python -m balcaprl.evaluate: error: no score for precision (2 of 2 captions)")
     report = json.loads((output / "report.json").read_text())
     balcap = report["balcap"]
-    assert report["generation"]["generated"] == 2
+    assert report["generation"]["generated"] == 2 and report["judge"]["health_check"] == "not run"
     assert balcap["precision"] == {"mean": None, "scored": 0, "unscorable": 2, "no_image": 0}
-    assert balcap["b_capscore"] is None
-    assert any("needs a vision (MLLM) judge" in note for note in report["notes"])
+    assert balcap["b_capscore"] is None and report["unscored"]["precision"]["failed"] == 2
+    notes = "\n".join(report["notes"])
+    assert "precision: no score (null, not 0): the judge failed on 2 of 2 captions." in notes
+    assert f"A judge health check after scoring fails: 'precision' judge at {llama_cpp_base_url}" in notes
+    assert "cannot score precision" in notes  # the cause named, because the text requests of the same check passed
     for metric in ("recall", "linguistic"):
         assert balcap[metric]["scored"] + balcap[metric]["unscorable"] == 2
         assert balcap[metric]["mean"] is None or 0.0 <= balcap[metric]["mean"] <= 1.0
@@ -140,6 +159,7 @@ def test_real_llama_cpp_judge_on_generated_captions(tiny_models, world_data, lla
     assert evaluate_main([*common, "--judge-text-only"]) == 0
     text_only = json.loads((output / "report.json").read_text())
     assert text_only["generation"]["reused"] == 2 and text_only["generation"]["generated"] == 0
+    assert text_only["judge"]["health_check"] == "passed" and text_only["unscored"] == {}
     assert text_only["balcap"]["precision"] == {"mean": None, "scored": 0, "unscorable": 0, "no_image": 2}
     assert any("needs the image: 2 record(s)" in note for note in text_only["notes"])
     for metric in ("recall", "linguistic"):  # the same answers, from the cache

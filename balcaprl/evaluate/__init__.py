@@ -32,6 +32,11 @@ Sections of a report (each can be switched off; what is skipped and why is writt
   protocols. Their numbers are "-style": the papers' data, judges and exact prompts are not reproduced, so do not put
   them in a table next to published DCScore / CaptionQA / CapArena values.
 
+Before anything is generated or scored (`checks`): ``output_dir`` must be writable, and the judge must pass the health
+check of ``balcaprl train`` with one request of each kind the evaluation sends. After scoring, a judged metric that no
+caption could be scored for is listed in the report's ``unscored`` (null, never 0; the notes give the failure counts
+and the judge's fault), and the command line exits 1.
+
 Every judge call goes through `balcaprl.judge.JudgeClient`, so an interrupted evaluation re-run with the same
 ``judge_cache_dir`` only pays for the calls that had not been answered. Image files are needed (and checked) only
 when a judge or reward functions will look at them.

@@ -152,7 +152,8 @@ async def balcap_section(
 
 
 def balcap_notes(section: Mapping[str, Any]) -> list[str]:
-    """What a reader of the balcap numbers must know: captions left out of a mean, and why."""
+    """What a reader of the balcap numbers must know: captions left out of a mean, and why. A metric that scored no
+    caption at all is `balcaprl.evaluate.checks.unscored_notes`'s (with the judge's failure counts and fault)."""
     notes = []
     no_image = section["precision"].get("no_image", 0)
     if no_image:
@@ -162,18 +163,11 @@ def balcap_notes(section: Mapping[str, Any]) -> list[str]:
         )
     for metric in ("precision", "recall", "linguistic"):
         entry = section[metric]
-        if not entry["unscorable"]:
+        if not entry["unscorable"] or not entry["scored"]:
             continue
         attempted = entry["scored"] + entry["unscorable"]
-        text = (
+        notes.append(
             f"{metric}: {entry['unscorable']} of {attempted} caption(s) could not be scored (judge calls failed "
             "after their retries; see the log) and are left out of its mean."
         )
-        if metric == "precision" and not entry["scored"] and "no_image" in entry:
-            text += (
-                " No precision call succeeded: precision shows the judge the image, so it needs a vision (MLLM) judge;"
-                " a text-only server (e.g. llama.cpp without --mmproj) rejects image parts. With a text-only judge,"
-                " leave images out (`--judge-text-only`) to skip precision."
-            )
-        notes.append(text)
     return notes

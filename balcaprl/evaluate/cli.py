@@ -1,7 +1,10 @@
 """``balcaprl evaluate [run|score|compare] ...`` (also ``python -m balcaprl.evaluate``).
 
-Data problems (a missing file or image, a file of another shape, a row without references, ...) end the command with
-one ``error:`` line naming the file, the line or row and the field, and exit status 2 — no traceback.
+Data problems (a missing file or image, a file of another shape, a row without references, ...) and an
+``--output-dir`` that cannot be written end the command with one ``error:`` line naming the file, the line or row and
+the field, and exit status 2 — no traceback, nothing scored. A judge that fails its health check (before any caption
+is generated or scored), or a judged metric that no caption could be scored for, ends it with one ``error:`` line
+and exit status 1.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from balcaprl.evaluate.checks import OutputDirError
 from balcaprl.evaluate.compare import compare_reports
 from balcaprl.evaluate.harness import EvaluationOptions, evaluate_captions
 from balcaprl.evaluate.inputs import read_caption_input
@@ -63,6 +67,13 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         "--judge-text-only",
         action="store_true",
         help="the judge cannot see images: send none (precision is not asked; DCScore and CapArena use text only)",
+    )
+    parser.add_argument(
+        "--no-judge-health-check",
+        dest="judge_health_check",
+        action="store_false",
+        help="skip the judge health check (one real request of each kind the evaluation sends, before generating "
+        "or scoring: the check of `balcaprl train`, whose recipes turn it off with judge_health_check: false)",
     )
     judge = parser.add_argument_group("judge (the recipes' judge_* keys, declared in balcaprl.judge.JudgeConfig)")
     for setting in dataclasses.fields(JudgeConfig):
@@ -114,6 +125,7 @@ def _evaluation_options(arguments: argparse.Namespace, parser: argparse.Argument
         name=arguments.name,
         baseline_name=arguments.baseline_name,
         plots=not arguments.no_plots,
+        judge_health_check=arguments.judge_health_check,
     )
 
 
@@ -219,16 +231,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_request_logs()
     try:
-        return _run_command(arguments, parser)
-    except EvaluationDataError as error:
+        report = _run_command(arguments, parser)
+    except (EvaluationDataError, OutputDirError) as error:
         parser.exit(2, f"{prog}: error: {' '.join(str(error).splitlines())}\n")
+    except RuntimeError as error:
+        if not _judge_unavailable(error):
+            raise
+        parser.exit(1, f"{prog}: error: {' '.join(str(error).splitlines())}\n")
+    unscored = report.get("unscored") if report is not None else None
+    if unscored:
+        failures = ", ".join(
+            f"{name} ({entry['failed']} of {entry['attempted']} {entry['unit']})" for name, entry in unscored.items()
+        )
+        parser.exit(
+            1,
+            f"{prog}: error: no score for {failures}: all {'their' if len(unscored) > 1 else 'its'} judge calls "
+            f"failed; {Path(arguments.output_dir) / 'report.md'} says why.\n",
+        )
+    return 0
 
 
-def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _judge_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` is the judge health check's `JudgeUnavailableError`, without importing its module (and
+    transformers with it) into runs that have no judge."""
+    guard = sys.modules.get("balcaprl.judge.guard")
+    return guard is not None and isinstance(error, guard.JudgeUnavailableError)
+
+
+def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> dict | None:
+    """Run the command; the report of ``run`` and ``score``."""
     if arguments.command == "compare":
         compare_reports(arguments.reports, output_dir=arguments.output_dir, names=arguments.names)
         print(Path(arguments.output_dir) / "comparison.md")
-        return 0
+        return None
     options = _evaluation_options(arguments, parser)
     if arguments.command == "score":
         if arguments.baseline is not None:
@@ -237,7 +272,7 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
         captions = _score_input(arguments.captions, arguments)
         report = evaluate_captions(captions, output_dir=arguments.output_dir, options=options, name=name)
         print(json.dumps(report["summary"], indent=2))
-        return 0
+        return report
 
     dtype = None
     if arguments.dtype != "auto":
@@ -273,4 +308,4 @@ def _run_command(arguments: argparse.Namespace, parser: argparse.ArgumentParser)
             os.environ[ADAPTER_BASE_ENV] = saved_base
     print(json.dumps(report["summary"], indent=2))
     print(Path(arguments.output_dir) / "report.md")
-    return 0
+    return report

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from balcaprl.evaluate.balcap import balcap_notes, balcap_section
+from balcaprl.evaluate.checks import check_judge, check_output_dir, judge_probes, unscored_metrics, unscored_notes
 from balcaprl.evaluate.classic import classic_section, length_section
 from balcaprl.evaluate.judge_styles import caparena_section, captionqa_section, dcscore_section
 from balcaprl.evaluate.records import (
@@ -25,6 +26,7 @@ from balcaprl.evaluate.records import (
     check_image_paths,
     default_name,
     load_questions,
+    non_empty_references,
     normalize_question,
     read_captions,
     require_references,
@@ -63,6 +65,9 @@ class EvaluationOptions:
         plots: write ``length.png`` and ``metrics.png`` (needs matplotlib; without it a note replaces them).
         generation: how the captions were made (model, data, decoding settings; see `generate_and_evaluate`),
             stored as the report's ``generation`` and shown in ``report.md``.
+        judge_health_check: before scoring (and before generating captions), one real request of each kind the
+            evaluation will send the judge must come back as schema-valid JSON, as ``balcaprl train`` checks
+            (`balcaprl.evaluate.checks.check_judge`); else `JudgeUnavailableError` names the judge URL and the fault.
     """
 
     judge: JudgeClient | None = None
@@ -76,6 +81,7 @@ class EvaluationOptions:
     baseline_name: str = "baseline"
     plots: bool = True
     generation: Mapping[str, Any] | None = None
+    judge_health_check: bool = True
 
     @classmethod
     def build(cls, options: EvaluationOptions | None = None, **settings: Any) -> EvaluationOptions:
@@ -103,6 +109,25 @@ def _records(captions: Captions, what: str) -> list[CaptionRecord]:
     return records
 
 
+def _judge_probes(
+    records: list[CaptionRecord], baseline: list[CaptionRecord] | None, options: EvaluationOptions
+) -> tuple[list[Any], dict[str, Any]]:
+    """The health-check requests of this evaluation (`judge_probes`), built from its first image and references."""
+    if options.judge is None and options.balcap_rewards is None:
+        return [], {}
+    image = next((record.image for record in [*records, *(baseline or [])] if record.image is not None), None)
+    references = next((non_empty_references(record) for record in records if non_empty_references(record)), [])
+    return judge_probes(options, image=image, references=references)
+
+
+async def _in_a_thread(function: Callable, probes: list[Any], *arguments: Any) -> Any:
+    """``function(probes, ...)``, which runs its own event loop, in a worker thread; the probes' judge clients are
+    closed on this loop first (their next use reopens them), as that loop's end forgets the other loops' clients."""
+    for judge in {id(probe.judge): probe.judge for probe in probes}.values():
+        await judge.aclose()
+    return await asyncio.to_thread(function, probes, *arguments)
+
+
 def _check_inputs(records: list[CaptionRecord], options: EvaluationOptions) -> None:
     """Refuse, before any judge call, what cannot be evaluated as asked (errors name the record and the field)."""
     needs_judge = {
@@ -125,8 +150,12 @@ def _check_inputs(records: list[CaptionRecord], options: EvaluationOptions) -> N
 async def evaluate_captions_async(
     captions: Captions, *, output_dir: str | os.PathLike, options: EvaluationOptions | None = None, **settings: Any
 ) -> dict[str, Any]:
-    """`evaluate_captions` for callers already inside an event loop; the judge is left open (the caller owns it)."""
+    """`evaluate_captions` for callers already inside an event loop; the judge is left open (the caller owns it).
+
+    The judge health check (and the second one when a metric scored nothing) runs in a worker thread, on its own
+    event loop; the judge's HTTP client on this loop is closed before it (it reopens on use)."""
     options = EvaluationOptions.build(options, **settings)
+    check_output_dir(output_dir)
     records = _records(captions, "captions")
     _check_inputs(records, options)
     judge = options.judge
@@ -140,6 +169,9 @@ async def evaluate_captions_async(
         baseline = _records(options.baseline_captions, "baseline_captions")
         if options.images_needed():
             check_image_paths(baseline)
+    probes, probe_row = _judge_probes(records, baseline, options)
+    if probes and options.judge_health_check:
+        await _in_a_thread(check_judge, probes, probe_row)
 
     name = options.name
     if name is None:
@@ -153,9 +185,12 @@ async def evaluate_captions_async(
         "judge": None if judge is None else {"base_url": judge.base_url, "model": judge.model},
         "notes": notes,
     }
+    if judge is not None:
+        report["judge"]["health_check"] = "passed" if options.judge_health_check and probes else "not run"
     if options.generation is not None:
         report["generation"] = dict(options.generation)
-    counters_before = {} if judge is None else {counter: getattr(judge, counter) for counter in COUNTER_NAMES}
+    counted = ("calls", *COUNTER_NAMES)
+    counters_before = {} if judge is None else {counter: getattr(judge, counter) for counter in counted}
 
     classic_task = None
     if options.classic:
@@ -202,9 +237,8 @@ async def evaluate_captions_async(
     if "balcap" in results:
         notes.extend(balcap_notes(results["balcap"]))
     if judge is not None:
-        report["judge"]["calls"] = {
-            counter: getattr(judge, counter) - counters_before[counter] for counter in COUNTER_NAMES
-        }
+        calls = {counter: getattr(judge, counter) - counters_before[counter] for counter in counted}
+        report["judge"]["calls"] = {"asked": calls.pop("calls"), **calls}
 
     per_caption: dict[str, dict[str, Any]] = {r.id: {"id": r.id, "caption": r.caption} for r in records}
     for section_name in SECTIONS:
@@ -214,6 +248,10 @@ async def evaluate_captions_async(
         for record_id, values in section.pop("per_caption").items():
             per_caption.setdefault(record_id, {"id": record_id}).update(values)
         report[section_name] = section
+    report["unscored"] = unscored_metrics(report)  # `balcaprl evaluate` exits 1 when a metric scored nothing
+    if report["unscored"]:
+        calls = None if judge is None else report["judge"]["calls"]
+        notes.extend(await _in_a_thread(unscored_notes, probes, probe_row, report["unscored"], calls))
     report["summary"] = summary_metrics(report)
     report["per_caption"] = list(per_caption.values())
     report = finite(report)
@@ -233,9 +271,16 @@ def evaluate_captions(
     ``baseline_name=``, ``plots=``, ``generation=``), keywords winning.
 
     The report's ``summary`` holds the headline numbers flat (fractions; CIDEr-D as computed; ``CapArena`` as
-    wins − losses), ``notes`` what was skipped and why, ``per_caption`` every per-caption value. Image files are
+    wins − losses), ``notes`` what was skipped and why, ``per_caption`` every per-caption value, ``unscored`` the
+    metrics no caption could be scored for although some were tried (every judge call failed: null, never 0; the
+    notes give the counts and the judge's fault; `balcaprl.evaluate.checks.unscored_metrics`). Image files are
     checked only when a judge or reward functions will look at them. A data problem (a missing image, a caption
     without references where a section needs one, ...) raises `EvaluationDataError` naming the record and field.
+
+    Before anything is scored: ``output_dir`` must be writable (else `OutputDirError`), and, unless
+    ``judge_health_check=False``, the judge must answer one request of each kind the evaluation sends (else
+    `balcaprl.judge.guard.JudgeUnavailableError`, naming the judge URL and the fault).
+
     Runs its own event loop (use `evaluate_captions_async` inside one) and closes the judge's HTTP client at the end
     (it reopens on use).
     """

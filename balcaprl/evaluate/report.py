@@ -89,8 +89,8 @@ def _markdown(report: Mapping[str, Any], plot_files: Sequence[str]) -> str:
     if judge is not None and "calls" in judge:
         calls = judge["calls"]
         lines += [
-            f"Judge calls: {calls['requests']} requests, {calls['cache_hits']} cache hits, "
-            f"{calls['retries']} retries, {calls['failures']} failures.",
+            f"Judge calls: {calls['failures']} of {calls['asked']} failed after their retries; "
+            f"{calls['requests']} requests, {calls['cache_hits']} cache hits, {calls['retries']} retries.",
             "",
         ]
     generation = report.get("generation")

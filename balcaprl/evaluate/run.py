@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from balcaprl.evaluate.checks import check_judge, check_output_dir, judge_probes
 from balcaprl.evaluate.harness import EvaluationOptions, evaluate_captions
 from balcaprl.evaluate.records import EvaluationDataError
 
@@ -41,6 +42,9 @@ def generate_and_evaluate(
 ) -> dict[str, Any]:
     """Caption a dataset split with a model, then evaluate the captions (``balcaprl evaluate --model ...``).
 
+    0. ``output_dir`` must be writable (`OutputDirError`), and, unless ``options.judge_health_check`` is False, the
+       judge must answer one request of each kind the scoring will send, built from the split's first row
+       (`JudgeUnavailableError`): both before the model is loaded. The judge is checked again before scoring.
     1. The split is loaded by `balcaprl.data.load_caption_dataset` (``format``, ``split``, ``image_root``,
        ``image_column``, ``caption_column``, ``instruction``, ``max_samples``, ``on_bad_image``; ``data_seed`` seeds
        the ``max_samples`` draw).
@@ -66,6 +70,7 @@ def generate_and_evaluate(
     from balcaprl.generation import caption_dataset
 
     options = EvaluationOptions.build(options, **settings)
+    check_output_dir(output_dir)
     instruction = instruction or DEFAULT_INSTRUCTION
     data_options = {"format": format, "split": split, "image_root": image_root, "max_samples": max_samples}
     data_options.update(image_column=image_column, caption_column=caption_column, on_bad_image=on_bad_image)
@@ -75,6 +80,11 @@ def generate_and_evaluate(
         )
     except (ValueError, FileNotFoundError) as error:  # the loader's errors name the file, row and key
         raise EvaluationDataError(str(error)) from error
+    if options.judge_health_check and len(dataset):
+        first = dataset[0]
+        image = None if judge_text_only else first.get("image")
+        probes, row = judge_probes(options, image=image, references=first.get("references") or [])
+        check_judge(probes, row, before="generating captions")
     source = Path(data)
     data_settings = {
         "source": str(source.resolve()) if source.exists() else str(data),

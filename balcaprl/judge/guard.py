@@ -58,6 +58,12 @@ def _describe(reward: Any) -> str:
 
 def judge_faults(reward_funcs: Sequence[Any], row: Mapping[str, Any]) -> list[str]:
     """Run every judge reward's health check on ``row`` at once; the faults, each naming reward, URL and model."""
+    return [fault for _, fault in judge_faults_by_reward(reward_funcs, row)]
+
+
+def judge_faults_by_reward(reward_funcs: Sequence[Any], row: Mapping[str, Any]) -> list[tuple[Any, str]]:
+    """`judge_faults` with the reward each fault belongs to: ``(reward, fault)`` for each failing judge reward (for
+    callers that tell the faults apart, e.g. an image request failing where the text ones pass)."""
     rewards = judge_rewards(reward_funcs)
     if not rewards:
         return []
@@ -74,7 +80,7 @@ def judge_faults(reward_funcs: Sequence[Any], row: Mapping[str, Any]) -> list[st
         if isinstance(outcome, BaseException):
             outcome = f"{type(outcome).__name__}: {' '.join(str(outcome).split())}"
         if outcome is not None:
-            faults.append(f"{_describe(reward)}: {outcome}")
+            faults.append((reward, f"{_describe(reward)}: {outcome}"))
     return faults
 
 
