@@ -109,28 +109,38 @@ def test_memory_of_llava_grpo_cider_by_hand(tmp_path):
     P, T = llava_parameters()  # noqa: N806
     assert P == 7_063_427_072
     n, d, b, s, c, h, i, k, L, V = 8, 2, 5, 628, 32, 4096, 11008, 4096, 32, 32064  # noqa: N806
+    gpu = 80 * 0.99 * GIB  # an 80 GB GPU as the device reports it: 79.2 GiB
     expected = {
         "weights": P * d / n,  # ZeRO-3 shards the weights
+        "ZeRO-3 gathered layers (in use + prefetched)": 2 * V * h * d,  # the largest module: embedding / LM head
         "gradients": T * d / n,
         "optimizer states (AdamW)": 12 * T / n,  # fp32 master + 2 moments, sharded
         "activations (gradient checkpointing)": L * b * s * h * d + b * s * (6 * h + 2 * k + 4 * i) * d,
-        "logits (completion tokens)": b * c * V * (d + 8),
+        # TRL's fused LM head: one [b*c tokens x V] tile (V < 32768) and the fp32 gradient of the hidden states
+        "LM head tiles (TRL's fused log-probs)": b * c * V * d + 4 * b * c * h,
+        "LM head weight gradient (float32)": 4 * V * h,  # full fine-tuning: accumulated in fp32
         "reference model (beta > 0)": P * d / n,
-        "vLLM share (0.3 of the GPU)": 0.3 * 80e9,
+        "vLLM share (0.3 of the GPU)": 0.3 * gpu,
         "CUDA context and buffers (fixed)": 1.5 * GIB,
     }
     assert report.budget.total == s and report.budget.prompt_exact
     assert report.memory.terms.keys() == expected.keys()
     for term, value in expected.items():
         assert math.isclose(report.memory.terms[term], value, rel_tol=1e-12), term
-    # 1.645 + 1.569 + 9.414 + 1.216 + 0.048 + 1.645 + 22.352 + 1.5 = 39.39 GiB of 74.5 (< 85%): fits
+    # 1.645 + 0.489 + 1.569 + 9.414 + 1.216 + 0.011 + 0.489 + 1.645 + 23.76 + 1.5 = 41.74 GiB of 79.2 (< 85%): fits
     total = sum(expected.values()) / GIB
-    assert math.isclose(report.memory.total / GIB, total) and 39.38 < total < 39.40
+    assert math.isclose(report.memory.training_total / GIB, total) and 41.73 < total < 41.75
+    # at a weight sync (full fine-tuning, ZeRO-3): the step's terms are gone, one parameter at a time is gathered
+    sync = {name: value for name, value in expected.items() if not name.startswith(("ZeRO-3", "activ", "LM head"))}
+    sync["sync: one parameter gathered (ZeRO-3)"] = V * h * d
+    assert report.memory.sync_terms == pytest.approx(sync, rel=1e-12)
     assert report.memory.verdict == "fits" and report.memory.largest == "vLLM share (0.3 of the GPU)"
     # vLLM's share holds the full bf16 weights (P * 2 = 13.16 GiB) + KV cache: 5 rollouts x 768 tokens x 2 (K, V)
-    # x 32 layers x 4096 x 2 bytes = 1.875 GiB
-    weights, kv_cache, share = report.memory.vllm
-    assert weights == P * 2 and kv_cache == 5 * 768 * 2 * 32 * 4096 * 2 and kv_cache / GIB == 1.875
+    # x 32 layers x 4096 x 2 bytes = 1.875 GiB + its own peak: 4096 profiled tokens x (4h + 2k + 3i) x 2 bytes
+    # (LLaVA's 577 image patches need less) + 1 GiB of CUDA graphs
+    vllm = report.memory.vllm
+    assert vllm.weights == P * 2 and vllm.kv_cache == 5 * 768 * 2 * 32 * 4096 * 2 and vllm.kv_cache / GIB == 1.875
+    assert vllm.own_peak == 4096 * (4 * h + 2 * k + 3 * i) * 2 + GIB and vllm.holds
 
 
 def test_memory_of_qwen_7b_balcaprl_by_hand(tmp_path):
@@ -155,19 +165,27 @@ def test_memory_of_qwen_7b_balcaprl_by_hand(tmp_path):
     assert P == 8_292_166_656
     n, d, b, s, c = 8, 2, 8, 1804, 512
     assert report.budget.image_tokens == 30 * 41 and report.budget.total == s
+    gpu = 80 * 0.99 * GIB
     expected = {
         "weights": P * d / n,
+        "ZeRO-3 gathered layers (in use + prefetched)": 2 * V * h * d,
         "gradients": T * d / n,
         "optimizer states (AdamW)": 12 * T / n,
         "activations (gradient checkpointing)": L * b * s * h * d + b * s * (6 * h + 2 * k + 4 * i) * d,
-        "logits (completion tokens)": b * c * V * (d + 8),
-        "vLLM share (0.3 of the GPU)": 0.3 * 80e9,
+        # 4096 of the b*c = 4096 completion tokens per tile, 32768 of the 152,064 vocabulary columns
+        "LM head tiles (TRL's fused log-probs)": 4096 * 32768 * d + 4 * b * c * h,
+        "LM head weight gradient (float32)": 4 * V * h,
+        "vLLM share (0.3 of the GPU)": 0.3 * gpu,
         "CUDA context and buffers (fixed)": 1.5 * GIB,
     }
     assert report.memory.terms.keys() == expected.keys()  # beta 0: no reference model
     for term, value in expected.items():
         assert math.isclose(report.memory.terms[term], value, rel_tol=1e-12), term
     assert report.memory.verdict == "fits" and report.memory.largest == "vLLM share (0.3 of the GPU)"
+    # vLLM profiles the checkpoint's largest image: max_pixels 12,845,056 / 14^2 = 65,536 patches through a
+    # vision block of hidden 1280, intermediate 3420, more than 4096 language tokens need
+    vllm = report.memory.vllm
+    assert vllm.own_peak == 65536 * (4 * 1280 + 3 * 3420) * 2 + GIB
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,9 +7,10 @@ From the model's config (no weights) and the recipe, six checks, every problem l
 
 - **token budget**: image tokens at the recipe's pixel bounds for the largest image of a sample of the data, plus
   the prompt's other tokens, plus the completion → against ``vllm_max_model_length`` and the model's positions;
-- **memory**: a per-GPU table (weights, gradients, optimizer states by ZeRO stage and LoRA/full, activations of the
-  micro-batch with or without gradient checkpointing, logits, the reference model when beta > 0, vLLM's share and
-  the KV cache the rollout batch needs), the verdict ``fits`` / ``tight`` / ``does not fit`` and its largest term;
+- **memory**: a per-GPU table at a training step and at a weight sync to vLLM (weights, ZeRO-3's gathered layers,
+  gradients, optimizer states by ZeRO stage and LoRA/full, activations, TRL's fused LM head, the reference model when
+  beta > 0, vLLM's share and what it must hold, the sync's merged / gathered weights), one verdict ``fits`` /
+  ``tight`` / ``does not fit`` at the higher peak, its largest term and that term's remedies (docs/launching.md);
 - **environment**: every package the recipe needs (``report_to`` backends, DeepSpeed, vLLM within the versions of
   the ``vllm`` extra);
 - **data**: the first rows load, their images open, their references are present;

@@ -36,6 +36,12 @@ def header_gpus(path: str | os.PathLike) -> tuple[int, float] | None:
     return (int(match.group(1)), float(match.group(2))) if match else None
 
 
+def header_launch_processes(path: str | os.PathLike) -> int | None:
+    """The ``--num_processes N`` of the header's launch command (it overrides the accelerate config's), or None."""
+    match = re.search(r"--num_processes\s+(\d+)", recipe_header(path))
+    return int(match.group(1)) if match else None
+
+
 def header_accelerate_config(path: str | os.PathLike) -> str | None:
     """The accelerate config the header's launch command names (``--config_file FILE``), None if none."""
     match = re.search(r"--config_file\s+(\S+)", recipe_header(path))
@@ -85,7 +91,9 @@ def resolve_hardware(
             raise FileNotFoundError(f"accelerate config {accelerate_config} not found")
         processes, stage = read_accelerate_config(found, recipe)
         source.append(f"{accelerate_config} (ZeRO-{stage})" if stage else f"{accelerate_config} (DDP)")
-    count = gpus or processes or (header[0] if header else 1)
+    # the launch command's --num_processes overrides the accelerate config's (the LoRA recipes launch zero2.yaml,
+    # written for 8 processes, on 4)
+    count = gpus or header_launch_processes(recipe) or processes or (header[0] if header else 1)
     memory = gpu_memory_gb or (header[1] if header else None)
     if memory is None:
         raise ValueError("the recipe header names no GPU size; pass --gpus N --gpu-memory GB")
@@ -108,6 +116,17 @@ class ModelShape:
     vocab_size: int
     max_positions: int
     dtype_bytes: int
+    # for the terms beyond the model states: the largest module's own parameters (what ZeRO-3 gathers at once), the
+    # largest single parameter, the largest LoRA-targeted weight (in x out; 0 without LoRA), whether the LM head
+    # is trained (its fp32 weight gradient), and the vision tower's sizes with the patches of the largest image the
+    # checkpoint's processor allows (what vLLM profiles)
+    largest_layer_parameters: int = 0
+    largest_parameter: int = 0
+    largest_lora_weight: int = 0
+    lm_head_trained: bool = False
+    vision_hidden_size: int = 0
+    vision_intermediate_size: int = 0
+    profile_image_patches: int = 0
 
 
 def text_config(config):
@@ -134,6 +153,7 @@ def model_shape(config_source: str, model_args) -> ModelShape:
     family = config.model_type
     with init_empty_weights():
         model = AutoModelForImageTextToText.from_config(config)
+    model.tie_weights()  # a tied LM head and embedding are one tensor: counted once (3.75 B parameters for the 3B)
     frozen = ({"vision"} if model_args.freeze_vision_tower else set()) | (
         {"projector"} if model_args.freeze_projector else set()
     )
@@ -145,6 +165,8 @@ def model_shape(config_source: str, model_args) -> ModelShape:
         trainable += sum(p.numel() for n, p in model.named_parameters() if part_of(n, family) in trained_in_full)
     else:
         trainable = sum(p.numel() for n, p in model.named_parameters() if part_of(n, family) not in frozen)
+    targets = lora_targets(model, model_args, family) if model_args.use_peft else []
+    vision = getattr(config, "vision_config", None)
     text = text_config(config)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else str(getattr(config, "dtype", "float32"))
     dtype_bytes = getattr(torch, str(dtype).removeprefix("torch.")).itemsize
@@ -161,17 +183,41 @@ def model_shape(config_source: str, model_args) -> ModelShape:
         vocab_size=text.vocab_size,
         max_positions=text.max_position_embeddings,
         dtype_bytes=dtype_bytes,
+        largest_layer_parameters=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
+        largest_parameter=max(p.numel() for p in model.parameters()),
+        largest_lora_weight=max((m.in_features * m.out_features for m in targets), default=0),
+        lm_head_trained=not model_args.use_peft,
+        vision_hidden_size=getattr(vision, "hidden_size", 0),
+        vision_intermediate_size=getattr(vision, "intermediate_size", 0),
+        profile_image_patches=_profile_image_patches(config_source, vision),
     )
 
 
-def lora_parameters(model, model_args, family: str) -> int:
-    """Parameters of the LoRA adapters `balcaprl.models.peft_config` would add: r x (in + out) per targeted Linear."""
+def _profile_image_patches(config_source: str, vision) -> int:
+    """Patches of the largest image the checkpoint's own processor allows: what vLLM runs its memory profile with when
+    no ``mm_processor_kwargs`` bound it (TRL passes none). Qwen2-VL processors: max_pixels / patch²; LLaVA: the
+    tower's fixed grid plus its class token."""
+    from balcaprl.models.processors import checkpoint_pixel_bounds
+
+    patch = getattr(vision, "patch_size", 14) or 14
+    try:
+        bounds = checkpoint_pixel_bounds(config_source)
+    except (OSError, ValueError):  # no preprocessor config (e.g. --model-config with config.json alone)
+        bounds = None
+    if bounds is not None:
+        return bounds[1] // (patch * patch)
+    image_size = getattr(vision, "image_size", 0) or 0
+    return (image_size // patch) ** 2 + 1 if image_size else 0
+
+
+def lora_targets(model, model_args, family: str) -> list:
+    """The Linear modules `balcaprl.models.peft_config` would put LoRA adapters on."""
     import torch
 
     from balcaprl.models.loading import LORA_TARGET_PRESETS
 
     targets = model_args.lora_target_modules or LORA_TARGET_PRESETS[model_args.lora_preset]
-    count = 0
+    modules = []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
@@ -180,5 +226,10 @@ def lora_parameters(model, model_args, family: str) -> int:
         else:  # a list names module suffixes
             matched = any(name == target or name.endswith(f".{target}") for target in targets)
         if matched:
-            count += model_args.lora_r * (module.in_features + module.out_features)
-    return count
+            modules.append(module)
+    return modules
+
+
+def lora_parameters(model, model_args, family: str) -> int:
+    """Parameters of the LoRA adapters `balcaprl.models.peft_config` would add: r x (in + out) per targeted Linear."""
+    return sum(model_args.lora_r * (m.in_features + m.out_features) for m in lora_targets(model, model_args, family))

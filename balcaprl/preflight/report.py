@@ -21,6 +21,16 @@ FITS_BELOW, TIGHT_BELOW = 0.85, 1.0
 CUDA_OVERHEAD_BYTES = 1.5 * GIB
 
 
+# What a GPU reports of the GB it is sold with (torch.cuda.mem_get_info's total; vendors' GB are GiB, less what the
+# driver and ECC keep): an 80 GB A100 / H100 reports 79.2 GiB, a 40 GB A100 39.6 GiB, a 48 GB A6000 47.5 GiB.
+DEVICE_REPORTED_FRACTION = 0.99
+
+
+# CUDA graphs vLLM captures for its decode batch sizes (it logs the real figure: "Graph capturing finished ... took
+# X GiB"); an assumption, stated as one.
+VLLM_CUDA_GRAPH_BYTES = 1.0 * GIB
+
+
 # How many rows of the data the budget's image sizes and the data check look at.
 DATA_SAMPLE_ROWS = 32
 

@@ -138,7 +138,9 @@ def preflight(
         budget = _budget(shape.family, config, model_args, data_args, training_args, config_source, sizes)
         check_budget(report, budget, training_args, shape.max_positions)
         if hardware is not None:
-            check_memory(report, memory_estimate(shape, hardware, training_args, budget, lora=model_args.use_peft))
+            lora = model_args.use_peft
+            estimate = memory_estimate(shape, hardware, training_args, budget, lora=lora)
+            check_memory(report, estimate, hardware, training_args, lora)
     if reward_args is not None:
         check_judge(report, reward_args, training_args, rows)
     check_output(report, training_args)
