@@ -21,7 +21,12 @@ from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
 from balcaprl.trainer.reward_checks import check_reward_set, checked_reward, masked_reward_names
-from balcaprl.trainer.vllm import CaptioningVLLMGeneration, swapped_attributes, vision_token_ids
+from balcaprl.trainer.vllm import (
+    CaptioningVLLMGeneration,
+    greedy_generation_kwargs,
+    swapped_attributes,
+    vision_token_ids,
+)
 
 
 def _fraction_in_constant_groups(rewards: torch.Tensor, num_generations: int) -> float:
@@ -59,7 +64,8 @@ class BalCapGRPOTrainer(GRPOTrainer):
 
     Vision placeholder tokens (`vision_token_ids`) are never sampled: with vLLM through its ``bad_words`` sampling
     parameter (honoured in colocate and server mode), with transformers through ``suppress_tokens``. With vLLM,
-    SCST's greedy baseline is decoded by the vLLM engine too (temperature 0).
+    SCST's greedy baseline is decoded by the vLLM engine too (temperature 0). The baseline stays greedy on both paths
+    whatever sampling settings the recipe's ``generation_kwargs`` carry.
     """
 
     def __init__(self, model, reward_funcs, args: BalCapConfig | None = None, **kwargs):
@@ -251,7 +257,9 @@ class BalCapGRPOTrainer(GRPOTrainer):
         if self.state.global_step != self._last_loaded_step:  # as TRL does before sampling
             self.vllm_generation.sync_weights()
             self._last_loaded_step = self.state.global_step
-        with swapped_attributes(self.vllm_generation, temperature=0.0):
+        # TRL applies generation_kwargs over its own temperature (colocate and server), so they are swapped too.
+        greedy_kwargs = greedy_generation_kwargs(self.vllm_generation.generation_kwargs)
+        with swapped_attributes(self.vllm_generation, temperature=0.0, generation_kwargs=greedy_kwargs):
             _, completion_ids, _, _ = self.vllm_generation.generate(
                 prompts=prompt_ids, images=images, num_generations=1
             )
@@ -261,8 +269,8 @@ class BalCapGRPOTrainer(GRPOTrainer):
         """Greedy decoding through TRL's own transformers generation path, in eval mode (no LoRA / model dropout:
         the baseline is the policy's deterministic caption), the training mode restored after."""
         prompt_ids, images, multimodal_fields = self._tokenize_prompts(prompts)
-        greedy_config = copy.deepcopy(self.generation_config)
-        greedy_config.do_sample = False
+        greedy_config = copy.deepcopy(self.generation_config)  # holds the recipe's generation_kwargs
+        greedy_config.do_sample, greedy_config.num_beams = False, 1
         for sampling_only in ("temperature", "top_p", "top_k", "min_p"):
             setattr(greedy_config, sampling_only, None)
         transformers_path = {"use_vllm": False, "use_transformers_continuous_batching": False}

@@ -1,12 +1,14 @@
 """TRL 1.16's vLLM generation, mended for image captioning (`CaptioningVLLMGeneration`).
 
 Vision placeholder tokens are never sampled, colocated vLLM gets one placeholder per image (TRL expands them
-once already, huggingface/trl#6294), and LoRA weights are merged for vLLM without touching the base weights.
+once already, huggingface/trl#6294), vLLM's image-token counts are checked against the trainer's on every batch
+(colocate and server mode), and LoRA weights are merged for vLLM without touching the base weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from accelerate.utils import is_peft_model
@@ -30,6 +32,32 @@ def vision_token_ids(config) -> list[int]:
     return list(dict.fromkeys(token_id for token_id in ids if isinstance(token_id, int)))
 
 
+# Sampling-only keys a recipe may set in `generation_kwargs` (which TRL passes to vLLM's SamplingParams after its own
+# temperature): SCST's greedy baseline drops them and decodes at temperature 0.
+SAMPLING_ONLY_KWARGS = ("temperature", "top_p", "top_k", "min_p")
+
+
+def greedy_generation_kwargs(generation_kwargs: dict) -> dict:
+    """The recipe's vLLM ``generation_kwargs`` for greedy decoding: sampling-only keys dropped, temperature 0 (vLLM
+    then resets top-p / top-k / min-p itself). Other keys (``bad_words``, penalties, ``seed``) are kept."""
+    kept = {key: value for key, value in generation_kwargs.items() if key not in SAMPLING_ONLY_KWARGS}
+    return {**kept, "temperature": 0.0}
+
+
+def _run_lengths(token_ids: list[int], token_id: int) -> list[int]:
+    """Length of every run of ``token_id``, in order."""
+    return [len(list(run)) for token, run in itertools.groupby(token_ids) if token == token_id]
+
+
+def _resolution_mismatch(engine: str, prompt: str, engine_count: int, trainer_count: int) -> str:
+    return (
+        f"{engine} processed the image(s) of {prompt} into {engine_count} image tokens, the trainer's processor into "
+        f"{trainer_count}: the rollouts were sampled from another image resolution than the one trained on. vLLM "
+        "resizes with the checkpoint's default processor settings; resize the images once in the data (the recipe's "
+        "min_pixels / max_pixels) so both see the same pixels."
+    )
+
+
 def _collapse_runs(token_ids: list[int], token_id: int) -> list[int]:
     """``token_ids`` with every run of ``token_id`` shortened to one token."""
     return [t for i, t in enumerate(token_ids) if t != token_id or i == 0 or token_ids[i - 1] != token_id]
@@ -49,12 +77,16 @@ def swapped_attributes(target, **attributes):
 
 
 class CaptioningVLLMGeneration(VLLMGeneration):
-    """TRL 1.16's `VLLMGeneration` with two fixes for captioning; the trainer sets it as its engine's class.
+    """TRL 1.16's `VLLMGeneration` with three fixes for captioning; the trainer sets it as its engine's class.
 
     - ``generate`` (colocate): TRL sends the processor-expanded prompt with the raw image; vLLM expands the first image
       placeholder again, so each image's tokens appear twice and only one copy gets features (huggingface/trl#6294).
       Each run of image tokens is sent as one placeholder instead, and vLLM's processed prompt must then hold as many
       image tokens as the trainer's, else the rollouts saw another image resolution than the one trained on.
+    - ``_place_features`` (server): the server processes each prompt's images alone and reports how many image tokens
+      each became (its ``mm_placeholders``); TRL re-points them at the trainer's runs and keeps the trainer's lengths
+      without comparing. They must be equal, for the same reason. (The server's generate response only echoes the
+      trainer's prompt ids, so the count is taken from the image processing response.)
     - ``_iter_named_params`` (LoRA): TRL merges the adapter into the base weights and unmerges it after the sync,
       which rounds the base weights twice in bf16 and drifts them a little at every sync. The merged weights are
       computed beside the base weights instead, which stay untouched; other PEFT methods and FSDP keep TRL's path.
@@ -69,14 +101,22 @@ class CaptioningVLLMGeneration(VLLMGeneration):
         for index, (ours, engines) in enumerate(zip(prompts, output[0])):
             ours_count, engine_count = list(ours).count(image_token_id), list(engines).count(image_token_id)
             if ours_count != engine_count:
-                raise ValueError(
-                    f"vLLM processed the image(s) of prompt {index} of this batch into {engine_count} image tokens, "
-                    f"the trainer's processor into {ours_count}: the rollouts were sampled from another image "
-                    "resolution than the one trained on. vLLM resizes with the checkpoint's default processor "
-                    "settings; resize the images once in the data (the recipe's min_pixels / max_pixels) so both see "
-                    "the same pixels."
-                )
+                prompt = f"prompt {index} of this batch"
+                raise ValueError(_resolution_mismatch("vLLM", prompt, engine_count, ours_count))
         return output
+
+    def _place_features(self, features, prompt_ids):
+        # Server mode, main process only (as TRL's own check here; `accelerate launch` then stops the other ranks).
+        if features is not None:
+            engine_lengths = [placeholder["length"] for placeholder in features["mm_placeholders"]["image"]]
+            our_lengths = _run_lengths(list(prompt_ids), self.processing_class.image_token_id)
+            # A different number of runs is TRL's error (below); the same number with other lengths is ours.
+            if len(engine_lengths) == len(our_lengths) and engine_lengths != our_lengths:
+                message = _resolution_mismatch(
+                    "The vLLM server", "a prompt of this batch", sum(engine_lengths), sum(our_lengths)
+                )
+                raise ValueError(f"{message} Per image: server {engine_lengths}, trainer {our_lengths}.")
+        return super()._place_features(features, prompt_ids)
 
     def _iter_named_params(self):
         model = self.model

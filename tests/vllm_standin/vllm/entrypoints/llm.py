@@ -3,15 +3,20 @@
 What it mirrors (vLLM 0.31, read from its source):
 
 - Engine arguments: the ones TRL passes are accepted (unknown ones are a `TypeError`, like ``EngineArgs``);
-  ``max_model_len`` defaults to the model config's maximum positions, a larger value is an error, and a processed
-  prompt longer than it is rejected with vLLM's message. ``mm_processor_kwargs`` override the processor defaults.
+  ``max_model_len`` defaults to the model config's maximum positions, a larger value is an error. A processed
+  prompt is refused with vLLM's messages (``vllm/v1/engine/input_processor.py``, ``_validate_prompt_len``) when it
+  is longer than ``max_model_len``, and also when it is exactly that long (no room for the one output token every
+  request asks for). ``mm_processor_kwargs`` override the processor defaults.
 - Weights: loaded from the ``model`` folder at start-up in the config's dtype (``dtype="auto"``) or ``dtype``, held
-  apart from the trainer's model, and overwritten by ``load_weights([(hf_name, tensor)])`` — the names TRL sends
-  (the checkpoint's own parameter names); an unknown name or a wrong shape is an error.
+  apart from the trainer's model, and overwritten by ``load_weights([(hf_name, tensor)])`` — each name renamed by the
+  model class's ``hf_to_vllm_mapper`` as vLLM does (`vllm.model_executor.weights`); a name that maps to no
+  parameter, or a wrong shape, is an error.
 - Multimodal inputs: a raw image in ``multi_modal_data`` is processed by the checkpoint's own processor with the
-  DEFAULTS of its processor files (not the trainer's min/max pixels). With ``prompt_token_ids``, vLLM then replaces the
-  next image placeholder token of the prompt by the run of placeholder tokens its processing produced, per image;
-  the returned ``RequestOutput.prompt_token_ids`` are that processed prompt.
+  DEFAULTS of its processor files (not the trainer's min/max pixels): the stock ``AutoProcessor`` where torchvision
+  imports, as vLLM uses, else balcaprl's image-only Qwen2.5-VL processor (same image processor and defaults; see
+  `vllm.multimodal.processing`). With ``prompt_token_ids``, vLLM then replaces the next image placeholder token of
+  the prompt by the run of placeholder tokens its processing produced, per image; the returned
+  ``RequestOutput.prompt_token_ids`` are that processed prompt.
 - Sampling, per step, in vLLM's order: allowed_token_ids mask → bad_words (-inf on the last token of a word whose
   prefix was just generated; single-token words always) → min_tokens → logit_bias → repetition / frequency /
   presence penalties → (greedy: argmax) temperature → min_p → top-k → top-p → sample. Temperature 0 is greedy.
@@ -39,14 +44,16 @@ from __future__ import annotations
 
 import inspect
 import math
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer, GenerationConfig
 
+from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
+from vllm.model_executor.weights import EngineModel
+from vllm.multimodal.processing import load_processor, runs_of
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import SamplingParams
 
@@ -73,41 +80,6 @@ _IGNORED_ENGINE_ARGS = {
     "limit_mm_per_prompt",
     "enable_chunked_prefill",
 }
-
-
-class _EngineModel:
-    """The engine's copy of the model, with vLLM's ``load_weights`` (what TRL's colocate weight sync calls)."""
-
-    def __init__(self, hf_model: torch.nn.Module, source: str):
-        self.hf_model = hf_model
-        self.source = source
-        self.stale: set[str] = set()  # parameters discarded by sleep(level=2) and not loaded since
-
-    def named_parameters(self):
-        return self.hf_model.named_parameters()
-
-    def load_weights(self, weights) -> set[str]:
-        parameters = dict(self.hf_model.named_parameters())
-        loaded = set()
-        for name, tensor in weights:
-            if name not in parameters:
-                examples = ", ".join(list(parameters)[:3])
-                raise KeyError(
-                    f"vLLM stand-in: load_weights got {name!r}, which is not a parameter of the "
-                    f"{type(self.hf_model).__name__} loaded from {self.source} (its parameters are named like "
-                    f"{examples}). Send the checkpoint's own parameter names (PEFT / wrapper prefixes removed)."
-                )
-            parameter = parameters[name]
-            if tuple(parameter.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"vLLM stand-in: load_weights got {name!r} of shape {tuple(tensor.shape)}, the engine's parameter "
-                    f"has shape {tuple(parameter.shape)}."
-                )
-            with torch.no_grad():
-                parameter.copy_(tensor.detach().to(device=parameter.device, dtype=parameter.dtype))
-            loaded.add(name)
-            self.stale.discard(name)
-        return loaded
 
 
 class LLM:
@@ -159,15 +131,16 @@ class LLM:
         model_class = AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
         hf_model = model_class.from_pretrained(self.model_path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         hf_model.eval().requires_grad_(False)
-        self._model = _EngineModel(hf_model, self.model_path)
+        self._model = EngineModel(hf_model, self.model_path)
         self._accepts_mm_token_type_ids = "mm_token_type_ids" in inspect.signature(hf_model.forward).parameters
 
         tokenizer_path = tokenizer or self.model_path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=trust_remote_code)
+        self._max_token_id = max(self.tokenizer.get_vocab().values())  # vLLM's cached tokenizer's max_token_id
         self.processor = None
         self.image_token_id = self.video_token_id = None
         if hasattr(config, "vision_config"):
-            self.processor = _load_processor(self.model_path, mm_processor_kwargs or {})
+            self.processor = load_processor(self.model_path, mm_processor_kwargs or {})
             self.image_token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
             self.video_token_id = getattr(config, "video_token_id", None)
 
@@ -324,7 +297,7 @@ class LLM:
         then replace the next placeholder token of the prompt by the placeholder run produced for each image."""
         image_token = self.processor.image_token
         processed = self.processor(text=[image_token * len(images)], images=images, return_tensors="pt")
-        runs = _runs_of(processed["input_ids"][0].tolist(), self.image_token_id)
+        runs = runs_of(processed["input_ids"][0].tolist(), self.image_token_id)
         if len(runs) != len(images):
             raise RuntimeError(
                 f"Expected there to be {len(images)} prompt updates corresponding to {len(images)} image items, but "
@@ -359,19 +332,33 @@ class LLM:
         return updated, self._mm_tensors(processed) | {"_placeholders": placeholders}
 
     def _validate_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        # vLLM's InputProcessor._validate_prompt_len, then its vocabulary check, on the processed prompt.
         max_model_len = self.llm_engine.model_config.max_model_len
         vocab_size = self._text_config.vocab_size
-        if not prompt_ids:
-            raise ValueError("The decoder prompt cannot be empty")
-        if max(prompt_ids) >= vocab_size:
-            raise ValueError(f"Token id {max(prompt_ids)} is out of vocabulary")
-        if len(prompt_ids) > max_model_len:
-            raise ValueError(
-                f"The decoder prompt (length {len(prompt_ids)}) is longer than the maximum model length of "
-                f"{max_model_len}. Make sure that `max_model_len` is no smaller than the number of text tokens plus "
-                "multimodal tokens. For image inputs, the number of image tokens depends on the number of images, and "
-                "possibly their aspect ratios as well."
+        prompt_len = len(prompt_ids)
+        if prompt_len == 0:
+            raise VLLMValidationError("The decoder prompt cannot be empty")
+        if prompt_len > max_model_len:
+            if self.processor is not None:
+                suggestion = (
+                    "Make sure that `max_model_len` is no smaller than the number of text tokens plus multimodal "
+                    "tokens. For image inputs, the number of image tokens depends on the number of images, and "
+                    "possibly their aspect ratios as well."
+                )
+            else:
+                suggestion = "Make sure that `max_model_len` is no smaller than the number of text tokens."
+            raise VLLMValidationError(
+                f"The decoder prompt (length {prompt_len}) is longer than the maximum model length of "
+                f"{max_model_len}. {suggestion}"
             )
+        if prompt_len == max_model_len:
+            raise VLLMValidationError(
+                f"The decoder prompt (length {prompt_len}) plus the number of requested output tokens (at least 1) is "
+                f"longer than the maximum model length of {max_model_len}. Make sure that `max_model_len` is no "
+                "smaller than the number of text tokens (prompt + requested output tokens)."
+            )
+        if max(prompt_ids) > max(self._max_token_id, vocab_size - 1):
+            raise VLLMValidationError(f"Token id {max(prompt_ids)} is out of vocabulary")
         if params.stop:
             raise NotImplementedError("vLLM stand-in: stop strings are not supported; use stop_token_ids.")
         if params.structured_outputs is not None:
@@ -478,32 +465,3 @@ def _truncate(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.clone()
         logits[order[drop]] = -math.inf
     return logits
-
-
-def _runs_of(token_ids: list[int], token_id: int) -> list[tuple[int, int]]:
-    """(start, length) of every run of ``token_id``."""
-    runs, index = [], 0
-    while index < len(token_ids):
-        if token_ids[index] == token_id:
-            start = index
-            while index < len(token_ids) and token_ids[index] == token_id:
-                index += 1
-            runs.append((start, index - start))
-        else:
-            index += 1
-    return runs
-
-
-def _load_processor(model_path: str, mm_processor_kwargs: dict):
-    """The checkpoint's own processor with its saved defaults (vLLM uses ``AutoProcessor``). Without torchvision a
-    stock Qwen2.5-VL processor cannot be built here, so balcaprl's image-only equivalent is used — same image
-    processor, same defaults."""
-    try:
-        from balcaprl.models import load_processor
-    except ImportError:  # outside balcaprl: plain transformers
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(model_path, **mm_processor_kwargs)
-    if not Path(model_path).exists():
-        raise FileNotFoundError(f"vLLM stand-in: {model_path} is not a local checkpoint folder (no hub access).")
-    return load_processor(model_path, **mm_processor_kwargs)
