@@ -28,9 +28,10 @@ TV_VENV := .venv-torchvision
 TV_PY := $(TV_VENV)/bin/python
 TV_STAMP := $(TV_VENV)/.balcaprl-installed
 TV_TORCH ?= torch==2.14.1 torchvision==0.29.1
-TV_PINS ?= transformers==5.17.0
+TV_PINS ?= transformers==5.17.0 qwen-vl-utils==0.0.14
 TV_PIP := $(TV_PY) -m pip --disable-pip-version-check
-TV_TESTS ?= tests/test_processor_paths.py tests/test_sft.py tests/test_tiny.py
+TV_TESTS ?= tests/test_processor_paths.py tests/test_sft.py tests/test_tiny.py tests/test_torchvision_path.py \
+	tests/test_vllm_standin_engine.py
 
 .PHONY: install judge-model qwen-tokenizer demo reproduce reproduce-quick test test-slow test-all test-torchvision gpu-smoke \
 	lint format bench clean

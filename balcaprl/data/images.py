@@ -6,6 +6,7 @@ naming its source row on failure.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from datasets import Dataset
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as transformers_smart_resize
 
 from balcaprl.data.constants import MAX_ASPECT_RATIO
 
@@ -113,14 +114,28 @@ def image_problem(source: str | bytes, *, verify: bool, decode: bool) -> str | N
     return aspect_problem(width, height) if too_wide(width, height) else None
 
 
+@functools.cache
+def reference_smart_resize():
+    """Qwen2.5-VL's ``smart_resize(height, width, factor, min_pixels, max_pixels) -> (height, width)``: qwen-vl-utils'
+    (the reference preprocessing of the Qwen2.5-VL authors) where it is installed and imports, else transformers'
+    copy, the same arithmetic (`tests/test_torchvision_path.py` holds them equal where both import). qwen-vl-utils
+    imports torchvision, which cannot load beside a CPU-only torch: there it raises on import, and the copy serves."""
+    try:
+        from qwen_vl_utils.vision_process import smart_resize
+    except Exception:  # ImportError, or torchvision's RuntimeError ("operator torchvision::nms does not exist")
+        return transformers_smart_resize
+    return smart_resize
+
+
 @dataclass(frozen=True)
 class ImageResize:
     """Qwen2.5-VL's resize, done once in the data path: both sides multiples of ``factor``, pixels within bounds.
 
-    The size is transformers' ``smart_resize`` (the function the Qwen2-VL image processors call, and through them
-    vLLM), so the processor finds nothing left to resize: an image resized here keeps its size under any bounds that
-    contain [``min_pixels``, ``max_pixels``], such as the checkpoint's defaults vLLM uses. (qwen-vl-utils has the same
-    function, but it imports torchvision, which cannot be imported beside a CPU-only torch.)
+    The size is ``smart_resize`` (`reference_smart_resize`: qwen-vl-utils' where it imports, else transformers' copy,
+    the function the Qwen2-VL image processors call, and through them vLLM), so the processor finds nothing left to
+    resize: an image resized here keeps its size under any bounds that contain [``min_pixels``, ``max_pixels``], such
+    as the checkpoint's defaults vLLM uses. The resampling is bicubic, as qwen-vl-utils' ``fetch_image`` resizes
+    (PIL's default) and the image processors do.
     """
 
     min_pixels: int
@@ -146,7 +161,8 @@ class ImageResize:
                 f"A {width}x{height} image has an aspect ratio over {MAX_ASPECT_RATIO}:1, which Qwen2-VL's resize "
                 "(transformers' smart_resize) refuses; load_caption_dataset leaves such rows out (on_bad_image)."
             )
-        resized_height, resized_width = smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+        resize = reference_smart_resize()
+        resized_height, resized_width = resize(height, width, self.factor, self.min_pixels, self.max_pixels)
         return resized_width, resized_height
 
     def num_image_tokens(self, width: int, height: int) -> int:
