@@ -132,7 +132,7 @@ def test_memory_of_llava_grpo_cider_by_hand(tmp_path):
     assert math.isclose(report.memory.training_total / GIB, total) and 41.73 < total < 41.75
     # at a weight sync (full fine-tuning, ZeRO-3): the step's terms are gone, one parameter at a time is gathered
     sync = {name: value for name, value in expected.items() if not name.startswith(("ZeRO-3", "activ", "LM head"))}
-    sync["sync: one parameter gathered (ZeRO-3)"] = V * h * d
+    sync["sync: one layer gathered (ZeRO-3)"] = V * h * d
     assert report.memory.sync_terms == pytest.approx(sync, rel=1e-12)
     assert report.memory.verdict == "fits" and report.memory.largest == "vLLM share (0.3 of the GPU)"
     # vLLM's share holds the full bf16 weights (P * 2 = 13.16 GiB) + KV cache: 5 rollouts x 768 tokens x 2 (K, V)

@@ -67,30 +67,29 @@ def test_the_lora_recipes_launch_4_processes_not_the_accelerate_configs_8():
 
 
 def test_lora_7b_on_4x48_gb_with_zero3_shows_the_weight_sync_and_a_verdict_that_agrees(tmp_path):
-    """The README's advice (ZeRO-3 for LoRA under 48 GB): at a weight sync TRL's PEFT path gathers the whole model on
-    every GPU for the merge; the table shows that column, and vLLM's 0.3 share cannot even hold the 7B's weights."""
+    """The README's advice (ZeRO-3 for LoRA under 80 GB): the table's weight-sync column holds what the sync gathers
+    and merges (one layer at a time), and the verdict agrees with the line that fails: vLLM's 0.3 share cannot hold
+    the 7B's weights on a 48 GB GPU."""
     argv = ["--output_dir", str(tmp_path / "out")]
     zero3 = {"gpus": 4, "gpu_memory_gb": 48, "accelerate_config": "recipes/accelerate/zero3.yaml"}
     report = preflight(str(LORA_7B), argv, model_config=str(QWEN_7B), **zero3)
     memory, text = report.memory, report.render()
-    P = 8_292_166_656  # noqa: N806 -- parameters of Qwen2.5-VL-7B (test_preflight counts them by hand)
-    assert memory.sync_terms["sync: model gathered for the LoRA merge (ZeRO-3)"] == P * 2 * 3 / 4
-    assert memory.sync_terms["sync: one merged LoRA layer"] == 3584 * 18944 * 2  # the largest MLP projection
-    assert "weight sync" in text and memory.sync_total > memory.training_total and memory.peak == "weight sync"
+    h, i, V = 3584, 18944, 152064  # noqa: N806
+    assert memory.sync_terms["sync: one merged LoRA layer"] == h * i * 2  # the largest MLP projection, bf16
+    assert memory.sync_terms["sync: one layer gathered (ZeRO-3)"] == V * h * 2  # the embedding, the largest tensor
+    resident = {k: v for k, v in memory.terms.items() if not k.startswith(("ZeRO-3", "activations", "LM head"))}
+    assert memory.sync_total == pytest.approx(sum(resident.values()) + (h * i + V * h) * 2)
+    assert "weight sync" in text.split("== memory per GPU (estimate) ==")[1].splitlines()[1]  # the column header
     assert not memory.vllm.holds and memory.verdict == "does not fit" and "verdict: does not fit" in text
     [problem] = [p.message for p in report.problems if p.check == "memory"]
     assert "vLLM's share (14.3 GiB) cannot hold its weights (15.4 GiB)" in problem
     assert "raise vllm_gpu_memory_utilization to 0.40" in problem
-    # the advice taken: the sync is the peak, and the verdict says so
+    # the advice taken: it fits, and no memory problem is left
     raised = preflight(
         str(LORA_7B), [*argv, "--vllm_gpu_memory_utilization", "0.4"], model_config=str(QWEN_7B), **zero3
     )
-    assert (
-        raised.memory.vllm.holds and raised.memory.verdict in ("fits", "tight") and raised.memory.peak == "weight sync"
-    )
-    assert f"verdict: {raised.memory.verdict} (peak {raised.memory.sync_total / GIB:.1f} GiB at the weight sync" in (
-        raised.render()
-    )
+    assert raised.memory.vllm.holds and raised.memory.verdict == "fits"
+    assert f"verdict: fits (peak {raised.memory.total / GIB:.1f} GiB at the {raised.memory.peak}" in raised.render()
     assert not [p for p in raised.problems if p.check == "memory"]
 
 

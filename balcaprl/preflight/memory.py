@@ -158,9 +158,9 @@ def memory_estimate(
       the vision tower on the largest image the checkpoint's processor allows, (4h_v + 3i_v)·d per patch, the larger)
       and CUDA graphs (`VLLM_CUDA_GRAPH_BYTES`);
     - at a weight sync (vLLM), instead of the step's activations, LM head and gathered layers: with LoRA one merged
-      layer (the largest targeted weight, in·out·d), and under ZeRO-3 the whole model gathered for the merge
-      (P·d·(N-1)/N on top of the shard, as TRL does for PEFT); full fine-tuning under ZeRO-3 gathers one parameter at
-      a time (the largest, ·d);
+      layer (the largest targeted weight, in·out·d), and under ZeRO-3 one LoRA layer or one other parameter gathered
+      at a time (the largest, ·d; `CaptioningVLLMGeneration` gathers per layer where TRL's PEFT path gathers the
+      whole model);
     - a fixed 1.5 GiB for the CUDA context and communication buffers.
     GPU capacity is the device's report (`gpu_capacity`). Not modelled: fragmentation (the verdict keeps 15 % for it
     and allocator caches), the vision tower's activations in training (frozen, no gradients; small beside the
@@ -230,11 +230,9 @@ def _sync_terms(terms: dict[str, float], shape: ModelShape, n: int, stage: int, 
     """The terms at a weight sync: what stays resident, plus what the sync itself allocates (see `memory_estimate`)."""
     resident = {name: value for name, value in terms.items() if not name.startswith(STEP_TERMS)}
     if lora:
-        if stage == 3:
-            resident["sync: model gathered for the LoRA merge (ZeRO-3)"] = shape.total_parameters * d * (n - 1) / n
         resident["sync: one merged LoRA layer"] = shape.largest_lora_weight * d
-    elif stage == 3:
-        resident["sync: one parameter gathered (ZeRO-3)"] = shape.largest_parameter * d
+    if stage == 3:  # one LoRA layer (its weight) or one other parameter gathered at a time
+        resident["sync: one layer gathered (ZeRO-3)"] = max(shape.largest_parameter, shape.largest_lora_weight) * d
     return resident
 
 
@@ -248,8 +246,6 @@ def advice(estimate: MemoryEstimate, hardware: Hardware, training_args, lora: bo
         if needed < training_args.vllm_gpu_memory_utilization:
             remedies.append(f"lower vllm_gpu_memory_utilization to {needed:.2f} (vLLM needs {needed:.0%} of the GPU)")
         remedies += ["vllm_enable_sleep_mode: true (frees the share while training)", "vllm_mode: server"]
-    elif largest.startswith("sync: model gathered"):
-        remedies += ["ZeRO-2 (recipes/accelerate/zero2.yaml): the frozen base is then not gathered at a sync"]
     elif largest.startswith("activations"):
         if not training_args.gradient_checkpointing:
             remedies.append("gradient_checkpointing: true")

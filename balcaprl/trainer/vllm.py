@@ -90,6 +90,7 @@ class CaptioningVLLMGeneration(VLLMGeneration):
     - ``_iter_named_params`` (LoRA): TRL merges the adapter into the base weights and unmerges it after the sync,
       which rounds the base weights twice in bf16 and drifts them a little at every sync. The merged weights are
       computed beside the base weights instead, which stay untouched; other PEFT methods and FSDP keep TRL's path.
+      Under ZeRO-3, TRL gathers the whole model for the sync; here one LoRA layer, or one other parameter, at a time.
     """
 
     def generate(self, prompts, images, num_generations, profiler=None):
@@ -140,22 +141,42 @@ class CaptioningVLLMGeneration(VLLMGeneration):
                 owners[id(base.weight)] = layer
                 if getattr(base, "bias", None) is not None:
                     owners[id(base.bias)] = layer
-        with self._dist.gather_params(list(model.parameters())):
-            pending: dict[int, torch.Tensor] = {}  # the other tensor (weight or bias) of the layer being sent
-            for name, param in model.named_parameters():
-                # The parameter names TRL sends (see VLLMGeneration._iter_named_params).
-                name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                if model.prefix in name or "original_module" in name:
-                    continue
-                name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])
-                tensor = pending.pop(id(param), None)
-                if tensor is None and id(param) in owners:
-                    merged = _merged_lora_tensors(owners[id(param)])
-                    tensor = merged.pop(id(param))
-                    pending.update(merged)
-                    del merged
-                yield name, param.data if tensor is None else tensor
+        # Under ZeRO-3 (`gather_params` is a no-op otherwise) nothing is gathered for longer than it is needed: a LoRA
+        # layer's own parameters (base weight, bias, adapters) while its merged tensors are computed, any other
+        # parameter alone while it is sent, as TRL does without PEFT; TRL's PEFT path gathers the whole model for the
+        # whole sync. Gathering is a collective: every process walks the same names and makes the same calls.
+        zero3 = self._dist.is_zero3
+        pending: dict[int, torch.Tensor] = {}  # the other tensor (weight or bias) of the layer being sent
+        for name, param in model.named_parameters():
+            # The parameter names TRL sends (see VLLMGeneration._iter_named_params).
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            if model.prefix in name or "original_module" in name:
+                continue
+            name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])
+            tensor = pending.pop(id(param), None)
+            if tensor is None and id(param) in owners:
+                layer = owners[id(param)]
+                with self._dist.gather_params(list(layer.parameters())):
+                    merged = _merged_lora_tensors(layer)
+                    if zero3:  # a tensor still sharing the gathered storage (no adapter merged) outlives the gather
+                        merged = {key: _owned_copy(value, layer) for key, value in merged.items()}
+                tensor = merged.pop(id(param))
+                pending.update(merged)
+                del merged
+            if tensor is None:
+                with self._dist.gather_params([param]):
+                    yield name, param.data
+            else:
+                yield name, tensor
                 del tensor  # not kept while the engine loads the next parameter
+
+
+def _owned_copy(tensor: torch.Tensor, layer) -> torch.Tensor:
+    """``tensor``, copied if it shares storage with one of ``layer``'s parameters."""
+    storage = tensor.untyped_storage().data_ptr()
+    if any(p.untyped_storage().data_ptr() == storage for p in layer.parameters()):
+        return tensor.clone()
+    return tensor
 
 
 def _merged_lora_tensors(layer) -> dict[int, torch.Tensor]:
