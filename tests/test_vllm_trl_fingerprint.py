@@ -17,11 +17,12 @@ import sys
 import pytest
 import trl
 from trl import GRPOTrainer
+from trl.distributed import DistributedBackend
 from trl.generation.vllm_generation import VLLMGeneration
 
 from balcaprl.trainer.vllm import CaptioningVLLMGeneration
 
-OWNERS = {"VLLMGeneration": VLLMGeneration, "GRPOTrainer": GRPOTrainer}
+OWNERS = {"VLLMGeneration": VLLMGeneration, "GRPOTrainer": GRPOTrainer, "DistributedBackend": DistributedBackend}
 
 # Source lines (whitespace-insensitive) the patch relies on, per TRL method, each with the reason.
 RELIED_ON = {
@@ -55,13 +56,18 @@ RELIED_ON = {
         "the trainer's run lengths without comparing them with the server's (why the check runs first)",
     },
     ("VLLMGeneration", "_iter_named_params"): {
-        "with self._dist.gather_params(list(model.parameters())):": "the LoRA override gathers the same way",
+        "with self._dist.gather_params(list(model.parameters())):": "TRL gathers the whole model for PEFT; the LoRA "
+        "override gathers one layer at a time with the same helper",
         "model.merge_adapter()": "TRL's in-place merge / unmerge that the LoRA override replaces",
         'name = name.removeprefix("base_model.model.").replace(".base_layer", "")': "the names the override sends",
         "if model.prefix in name:": "adapter weights are not sent",
         'if "original_module" in name:': "modules_to_save originals are not sent",
         'name = self._fix_param_name_to_vllm(name, extra_prefixes=["modules_to_save.default."])': "name clean-up",
         "if self._dist.is_fsdp:": "FSDP keeps TRL's path",
+    },
+    ("DistributedBackend", "gather_params"): {
+        "if self.is_zero3:": "the LoRA override gathers per layer under ZeRO-3 through this helper",
+        "with deepspeed.zero.GatheredParameters(params):": "a gather of exactly the parameters given (one layer)",
     },
     ("VLLMGeneration", "sync_weights"): {
         "for name, param in self._iter_named_params():": "colocate consumes the override's tensors in turn",
