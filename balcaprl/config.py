@@ -221,8 +221,10 @@ class CaptionModelConfig(ModelConfig):
 class CaptionDataConfig:
     r"""Where the captions come from (see `balcaprl.data.load_caption_dataset`).
 
-    dataset (`str`): a Hugging Face dataset name or folder, a Karpathy JSON (``dataset_coco.json``), or a JSONL file.
-    dataset_format (`str`, defaults to `"auto"`): `"auto"`, `"hf"`, `"karpathy"` or `"jsonl"`.
+    dataset (`str`): a Hugging Face dataset name or folder, a Karpathy JSON (``dataset_coco.json``), COCO captions
+        annotations (``captions_train2014.json``), LLaVA / ShareGPT4V conversations (JSON or JSONL), or a JSONL file.
+    dataset_format (`str`, defaults to `"auto"`, detected from the file's content): `"auto"`, `"hf"`, `"karpathy"`,
+        `"jsonl"`, `"coco"` or `"llava"`.
     dataset_split / eval_split: the training split, and an optional evaluation split.
     image_root: folder relative image paths are resolved against (Karpathy ``filepath/filename``, JSONL paths, path
         columns of a Hugging Face dataset); defaults to the data file's folder.

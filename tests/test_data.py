@@ -308,7 +308,7 @@ def test_no_usable_row_at_all(tmp_path):
 
 def test_invalid_arguments(jsonl):
     for kwargs, message in [
-        ({"format": "csv"}, r"format must be one of \['auto', 'hf', 'karpathy', 'jsonl'\]"),
+        ({"format": "csv"}, r"format must be one of \['auto', 'hf', 'karpathy', 'jsonl', 'coco', 'llava'\]"),
         ({"on_bad_image": "ignore"}, r"on_bad_image must be one of \['error', 'skip'\]"),
         ({"max_samples": 0}, r"max_samples must be a positive"),
     ]:

@@ -1,13 +1,17 @@
 """Caption datasets → rows ``{prompt, image, references}`` for TRL's `GRPOTrainer`, and their SFT form.
 
-Three sources, one entry point (`load_caption_dataset`):
+Five sources, one entry point (`load_caption_dataset`):
 
 - a Hugging Face dataset: a Hub name, a ``save_to_disk`` folder, a data folder (e.g. ``imagefolder`` with a
   ``metadata.jsonl``) or a `datasets.Dataset` object, with configurable image and caption columns;
 - a Karpathy-split JSON (``dataset_coco.json``, ``dataset_flickr8k.json``) and the folder of its images, the data of
   the GRPO-captioning paper (arXiv 2503.01333): COCO's ``restval`` counts as training data by default;
 - a JSONL file, one ``{"image": path, "references": [...], ...}`` object per line; relative image paths are relative to
-  the file's folder, extra keys (e.g. a ``scene`` dict) become columns.
+  the file's folder, extra keys (e.g. a ``scene`` dict) become columns;
+- COCO captions annotations (``captions_train2014.json``: ``images`` + ``annotations``), one row per image with all its
+  captions;
+- LLaVA / ShareGPT4V conversations (a JSON list or JSONL of ``{"image", "conversations"}``), the first assistant turn
+  as the reference.
 
 Every row is ``prompt`` (``[{"role": "user", "content": instruction}]``, into which TRL inserts the image), ``image``
 (a `PIL.Image.Image` in 8-bit RGB, converted by `to_rgb`: 16-bit grey scaled to 8 bits, not clipped; transparency

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-FORMATS = ("auto", "hf", "karpathy", "jsonl")
+FORMATS = ("auto", "hf", "karpathy", "jsonl", "coco", "llava")
 
 
 BAD_IMAGE_POLICIES = ("error", "skip")

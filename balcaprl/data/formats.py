@@ -1,5 +1,5 @@
 """Readers of each source format (Hugging Face dataset, Karpathy JSON, JSONL) into one row table, each row named by
-its place in the source.
+its place in the source, and the detection of a file's format (COCO captions and LLaVA readers: `coco_llava`).
 """
 
 from __future__ import annotations
@@ -49,15 +49,68 @@ class _SourceRows:
     problems: list[str | None]
 
 
-def _detect_format(source) -> str:
+def _detect_format(source) -> tuple[str, Any]:
+    """(format of ``source``, its parsed JSON when detecting the format meant parsing a ``.json`` file, else None).
+
+    ``.json``: by content (`_json_format`); ``.jsonl``: ``"llava"`` when the first non-empty line is an object with
+    ``"conversations"``, else ``"jsonl"``; anything else (and `datasets` objects): ``"hf"``. The parsed JSON is handed
+    to the reader so that a large file is read once.
+    """
     if isinstance(source, (Dataset, DatasetDict)):
-        return "hf"
+        return "hf", None
     name = str(source)
     if name.endswith(".jsonl"):
-        return "jsonl"
+        return _jsonl_format(Path(source)), None
     if name.endswith(".json"):
-        return "karpathy"
-    return "hf"
+        data = _load_json(Path(source), "JSON file")
+        return _json_format(Path(source), data), data
+    return "hf", None
+
+
+def _json_format(path: Path, data: Any) -> str:
+    """The format a parsed ``.json`` file's shape says, or one error naming the file and the shapes expected."""
+    if isinstance(data, dict) and "images" in data and "annotations" in data:
+        return "coco"
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        if any(isinstance(entry, dict) and "sentences" in entry for entry in data["images"]):
+            return "karpathy"
+    if isinstance(data, list) and any(isinstance(entry, dict) and "conversations" in entry for entry in data):
+        return "llava"
+    if isinstance(data, dict):
+        shape = f"an object with keys {sorted(data)[:10]}"
+    else:
+        shape = f"a {type(data).__name__}" + (f" of {len(data)} items" if isinstance(data, list) else "")
+    raise ValueError(
+        f"{path} is not a Karpathy-split JSON, COCO captions annotations or LLaVA conversations: expected a Karpathy "
+        "split file ({'images': [{'sentences': ...}]}), COCO captions annotations ({'images', 'annotations'}) or "
+        f"LLaVA conversations ([{{'image', 'conversations'}}]), got {shape}. Or set the format explicitly."
+    )
+
+
+def _jsonl_format(path: Path) -> str:
+    """``"llava"`` if the first non-empty line of a JSONL file is an object with ``"conversations"``, else ``"jsonl"``
+    (whose reader reports a missing file or a malformed line)."""
+    if not path.is_file():
+        return "jsonl"
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return "jsonl"
+                return "llava" if isinstance(first, dict) and "conversations" in first else "jsonl"
+    return "jsonl"
+
+
+def _load_json(path: Path, kind: str) -> Any:
+    """The parsed JSON file; a missing file or invalid JSON is one error naming the file (and line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} {str(path)!r} does not exist.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from error
 
 
 def _clean_references(value: Any, origin: str, key: str) -> list[str]:
@@ -117,16 +170,13 @@ def _rows_from_lists(
     return _SourceRows(source, table, origins, paths, problems)
 
 
-def _read_karpathy(path: Path, split: str, image_root, restval_as_train: bool) -> _SourceRows:
+def _read_karpathy(path: Path, split: str, image_root, restval_as_train: bool, data: Any = None) -> _SourceRows:
+    """Rows of a Karpathy-split JSON (``data``: the file already parsed, or None to read it)."""
     split = "val" if split == "validation" else split
     if split not in KARPATHY_SPLITS:
         raise ValueError(f"A Karpathy JSON has splits {list(KARPATHY_SPLITS)} (and 'validation'), got {split!r}.")
-    if not path.is_file():
-        raise FileNotFoundError(f"Karpathy JSON {str(path)!r} does not exist.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}:{error.lineno}: not valid JSON ({error.msg}).") from error
+    if data is None:
+        data = _load_json(path, "Karpathy JSON")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ValueError(
             f"{path} is not a Karpathy-split JSON: expected an object with an 'images' list "
@@ -272,7 +322,8 @@ def _load_hf(source, split: str, config_name) -> tuple[Dataset, str, Path | None
         return datasets.load_from_disk(str(folder)), str(folder), folder
     if folder.is_file():
         raise ValueError(
-            f"{str(folder)!r} is a file: use format='karpathy' (Karpathy JSON) or 'jsonl', or give a dataset folder."
+            f"{str(folder)!r} is a file: use format 'karpathy', 'coco', 'llava' (JSON files) or 'jsonl', or give a "
+            "dataset folder."
         )
     dataset = datasets.load_dataset(str(source), config_name, split=split)
     return dataset, f"split {split!r} of {source}", folder if folder.is_dir() else None

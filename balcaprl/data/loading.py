@@ -16,6 +16,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
+from balcaprl.data.coco_llava import _read_coco, _read_llava
 from balcaprl.data.constants import (
     BAD_IMAGE_POLICIES,
     DECODE_CHECK_ROWS,
@@ -104,15 +105,19 @@ def load_caption_dataset(source: str | os.PathLike | Dataset | DatasetDict, **op
 
     Args:
         source: a Hugging Face dataset (Hub name, ``save_to_disk`` folder, data folder, or a `Dataset` /
-            `DatasetDict`), a Karpathy JSON, or a JSONL file.
-        format: ``"auto"`` (``*.jsonl`` → jsonl, ``*.json`` → karpathy, anything else → hf), ``"hf"``, ``"karpathy"``
-            or ``"jsonl"``.
+            `DatasetDict`), a Karpathy JSON, a COCO captions annotations JSON, LLaVA / ShareGPT4V conversations (JSON
+            or JSONL), or a JSONL file.
+        format: ``"auto"`` (``*.json`` by content → karpathy, coco or llava; ``*.jsonl`` → llava if its first line
+            has ``"conversations"``, else jsonl; anything else → hf), ``"hf"``, ``"karpathy"``, ``"jsonl"``,
+            ``"coco"`` (one row per image, all its annotations' captions as references, column ``image_id``) or
+            ``"llava"`` (one row per entry, even when entries share an image; the reference is the first ``"gpt"``
+            turn, later turns are ignored; column ``id``).
         split: the split to load. Karpathy: ``"train"`` (with ``restval`` unless ``restval_as_train=False``),
             ``"val"`` (alias ``"validation"``), ``"test"`` or ``"restval"``. Hugging Face: any split expression
-            (``"train[:1000]"``); a folder holding a single saved `Dataset` ignores it. JSONL: one file is one split,
-            ``split`` is ignored.
-        image_root: folder relative image paths are resolved against. Defaults to the Karpathy JSON's folder, the
-            JSONL file's folder, or a local Hugging Face dataset's folder (for a column of path strings).
+            (``"train[:1000]"``); a folder holding a single saved `Dataset` ignores it. JSONL, COCO and LLaVA: one file
+            is one split, ``split`` is ignored.
+        image_root: folder relative image paths are resolved against. Defaults to the data file's folder (Karpathy,
+            COCO, LLaVA, JSONL), or a local Hugging Face dataset's folder (for a column of path strings).
         image_column: image column (Hugging Face: an ``Image`` feature or path strings) or JSONL key.
         caption_column: column (Hugging Face) or key (JSONL) with one reference string or a list of them per row.
             Karpathy JSONs always use ``sentences[*].raw``.
@@ -173,14 +178,19 @@ def load_caption_dataset_with_report(
         raise ValueError(f"max_samples must be a positive number of rows or None, got {max_samples!r}.")
     if not isinstance(instruction, str) or not instruction.strip():
         raise ValueError(f"instruction must be a non-empty string, got {instruction!r}.")
+    parsed = None  # a .json file parsed to detect its format, handed to its reader so it is read once
     if format == "auto":
-        format = _detect_format(source)
+        format, parsed = _detect_format(source)
     if format == "hf":
         rows = _read_hf(source, split, image_root, image_column, caption_column, hf_config_name)
     elif isinstance(source, (Dataset, DatasetDict)):
         raise ValueError(f"format={format!r} reads a file; a `datasets` object needs format='hf' or 'auto'.")
     elif format == "karpathy":
-        rows = _read_karpathy(Path(source), split, image_root, restval_as_train)
+        rows = _read_karpathy(Path(source), split, image_root, restval_as_train, parsed)
+    elif format == "coco":
+        rows = _read_coco(Path(source), image_root, parsed)
+    elif format == "llava":
+        rows = _read_llava(Path(source), image_root, parsed)
     else:
         rows = _read_jsonl(Path(source), image_root, image_column, caption_column)
     report = LoadReport(source=rows.source, format=format, split=split)

@@ -161,7 +161,7 @@ def build_parser(prog: str = "balcaprl evaluate") -> argparse.ArgumentParser:
     run.add_argument("--output-dir", required=True, help="captions.jsonl, generation.json and the report go here")
     data = run.add_argument_group("data (see balcaprl.data.load_caption_dataset)")
     data.add_argument("--split", default="test", help="default: test (a JSONL file is one split: ignored)")
-    data.add_argument("--format", default="auto", help="auto (default), hf, karpathy or jsonl")
+    data.add_argument("--format", default="auto", help="auto (default), hf, karpathy, jsonl, coco or llava")
     data.add_argument("--image-root", help="folder relative image paths are resolved against")
     data.add_argument("--image-column", default="image")
     data.add_argument("--caption-column", default="references")
