@@ -7,6 +7,7 @@
     balcaprl evaluate --model M --data SPEC --output-dir DIR [...]   caption a split (resumable), then score it
     balcaprl evaluate score|compare ...       score captions (JSONL, or COCO results + --annotations) / compare reports
     balcaprl merge ADAPTER_DIR --output-dir DIR [--base-model B]   a LoRA adapter merged into its base, for serving
+    balcaprl data inspect|recaption ...       look at a dataset before a run / write detailed reference captions
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
     balcaprl reproduce [--quick]              when the papers' claims hold at small scale (runs/reproduce/results.md)
 
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         "machine (same as the BALCAPRL_ADAPTER_BASE environment variable)",
     )
     merge.add_argument("--dtype", default="auto", help="dtype to merge and save in (default: the base's own)")
+    subparsers.add_parser(
+        "data", help="Inspect a dataset, or recaption images (see `balcaprl data --help`).", add_help=False
+    )
     for name, text in [("demo", "The CPU demo on the synthetic shapes world."), ("reproduce", "Both papers' claims.")]:
         subparsers.add_parser(name, help=f"{text} (see `balcaprl {name} --help`).", add_help=False)
     return parser
@@ -81,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from balcaprl.preflight.run import main as preflight
 
         sys.exit(preflight(argv[1:]))
+    if argv[:1] == ["data"]:  # its own parser: data inspect | data recaption
+        from balcaprl.data.cli import main as data
+
+        sys.exit(data(argv[1:]))
     if argv[:1] == ["demo"]:
         from balcaprl.experiments.demo import main as demo
 

@@ -11,19 +11,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from balcaprl.text import caption_words
+from balcaprl.text import DEFAULT_WINDOW, word_length
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "LENGTH_UNITS",
+    "word_length",
+]  # with the functions below; the first two are defined in text
 
 LENGTH_UNITS = ("words", "tokens")
-# BalCapRL's window of ρ (arXiv 2605.07394): rewards kept for 0.5 ≤ ρ ≤ 2.
-DEFAULT_WINDOW = (0.5, 2.0)
-
-
-def word_length(text: str) -> int:
-    """Length in words: whitespace-separated tokens that hold something besides punctuation (`balcaprl.text.
-    caption_words`, after NFKC), so a stray "-", "…" or "“" is not a word and typographic punctuation counts as its
-    ASCII counterpart. The length mask of training (``length_unit: words``) and the evaluation's length statistics
-    both count this way."""
-    return len(caption_words(text))
 
 
 def length_ratios(

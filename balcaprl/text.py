@@ -23,7 +23,7 @@ from __future__ import annotations
 import string
 import unicodedata
 
-__all__ = ["caption_words", "is_punctuation", "normalize_caption", "simple_tokenize"]
+__all__ = ["DEFAULT_WINDOW", "caption_words", "is_punctuation", "normalize_caption", "simple_tokenize", "word_length"]
 
 PUNCTUATION_CATEGORIES = frozenset({"Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk"})
 
@@ -83,3 +83,16 @@ def caption_words(text: str) -> list[str]:
     text = normalize_caption(text)
     table = _punctuation_table(text)
     return [token for token in text.split() if token.translate(table).strip()]
+
+
+# BalCapRL's window of ρ = caption length / mean reference length (arXiv 2605.07394): rewards kept for 0.5 ≤ ρ ≤ 2.
+# Here, beside `word_length`, so that tools which must not import torch (``balcaprl data inspect``) share them.
+DEFAULT_WINDOW = (0.5, 2.0)
+
+
+def word_length(text: str) -> int:
+    """Length in words: whitespace-separated tokens that hold something besides punctuation (`caption_words`, after
+    NFKC), so a stray "-", "…" or "“" is not a word and typographic punctuation counts as its ASCII counterpart. The
+    length mask of training (``length_unit: words``, `balcaprl.length`) and the evaluation's length statistics both
+    count this way."""
+    return len(caption_words(text))

@@ -40,3 +40,17 @@ MAX_ASPECT_RATIO = 200
 # (measured in docs/performance.md), large enough to find damage to 1 % of the files with probability
 # 1 - 0.99^512 > 99 %.
 DECODE_CHECK_ROWS = 512
+
+
+# Single-channel modes of more than 8 bits. PIL's convert("RGB") clips their values at 255, so a 16-bit photo comes out
+# nearly all white; `balcaprl.data.images.to_rgb` scales them instead. (16-bit RGB, RGBA and LA PNGs are not among
+# them: PIL opens those as 8-bit RGB / RGBA already, keeping the high byte.)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+WIDE_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
+# Modes `to_rgb` composites on white.
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def too_wide(width: int, height: int) -> bool:
+    """Whether an image of ``width`` x ``height`` has an aspect ratio over `MAX_ASPECT_RATIO` (or a zero side)."""
+    return min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height)

@@ -17,14 +17,7 @@ from datasets import Dataset
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as transformers_smart_resize
 
-from balcaprl.data.constants import MAX_ASPECT_RATIO
-
-# Single-channel modes of more than 8 bits. PIL's convert("RGB") clips their values at 255, so a 16-bit photo comes out
-# nearly all white; `to_rgb` scales them instead. (16-bit RGB, RGBA and LA PNGs are not among them: PIL opens those
-# as 8-bit RGB / RGBA already, keeping the high byte.)
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
-WIDE_MODES = (*SIXTEEN_BIT_MODES, "I", "F")
-ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+from balcaprl.data.constants import ALPHA_MODES, MAX_ASPECT_RATIO, SIXTEEN_BIT_MODES, WIDE_MODES, too_wide
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -67,11 +60,6 @@ def _to_8_bit(values: np.ndarray, mode: str) -> np.ndarray:
     else:
         scaled = np.zeros_like(values)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def too_wide(width: int, height: int) -> bool:
-    """Whether an image of ``width`` x ``height`` has an aspect ratio over `MAX_ASPECT_RATIO` (or a zero side)."""
-    return min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height)
 
 
 def aspect_problem(width: int, height: int) -> str:
