@@ -1,4 +1,7 @@
+import json
 import os
+import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +19,7 @@ from tests.judge_servers import (  # noqa: E402
     xllamacpp_available,
 )
 from tests.loopback_server import prompt_text  # noqa: E402
+from tests.paths import REFERENCE_MODELS  # noqa: E402
 
 # Two threads are slower than one for these tiny models on this 2-core machine.
 torch.set_num_threads(1)
@@ -72,3 +76,18 @@ def scripted_server():
     with server:
         server.judge = judge
         yield server
+
+
+@pytest.fixture(scope="session")
+def qwen_3b_config(tmp_path_factory) -> Path:
+    """Qwen2.5-VL-3B-Instruct's config: the 7B file with the 3B's published language-model sizes (hidden 2048,
+    intermediate 11008, 36 layers, 16 heads / 2 KV heads, vocab 151,936, tied embeddings; the vision tower is the
+    7B's, projecting to 2048)."""
+    folder = tmp_path_factory.mktemp("qwen2_5_vl_3b")
+    config = json.loads((REFERENCE_MODELS / "qwen2_5_vl_7b_instruct" / "config.json").read_text())
+    config.update(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
+    config["vision_config"]["out_hidden_size"] = 2048
+    (folder / "config.json").write_text(json.dumps(config))
+    shutil.copy(REFERENCE_MODELS / "qwen2_5_vl_7b_instruct" / "preprocessor_config.json", folder)
+    return folder

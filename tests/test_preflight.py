@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,21 +25,6 @@ LLAVA = REFERENCE_MODELS / "llava-1.5-7b-hf"
 QWEN_7B = REFERENCE_MODELS / "qwen2_5_vl_7b_instruct"
 RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
 STANDIN = Path(__file__).resolve().parent / "vllm_standin"
-
-
-@pytest.fixture(scope="module")
-def qwen_3b_config(tmp_path_factory) -> Path:
-    """Qwen2.5-VL-3B-Instruct's config: the 7B file with the 3B's published language-model sizes (hidden 2048,
-    intermediate 11008, 36 layers, 16 heads / 2 KV heads, vocab 151,936, tied embeddings; the vision tower is the
-    7B's, projecting to 2048)."""
-    folder = tmp_path_factory.mktemp("qwen2_5_vl_3b")
-    config = json.loads((QWEN_7B / "config.json").read_text())
-    config.update(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
-    config["vision_config"]["out_hidden_size"] = 2048
-    (folder / "config.json").write_text(json.dumps(config))
-    shutil.copy(QWEN_7B / "preprocessor_config.json", folder)
-    return folder
 
 
 def model_config_for(path: Path, qwen_3b: Path) -> str:

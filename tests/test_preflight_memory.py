@@ -3,9 +3,7 @@ contradicts (every shipped GPU recipe on three GPU sizes), DeepSpeed's own estim
 device's capacity and the recipes' process counts.
 """
 
-import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,21 +23,8 @@ GPU_RECIPES = sorted(p for p in (REPO / "recipes").glob("[lq]*/*.yaml"))
 LORA_7B = REPO / "recipes" / "qwen2_5_vl_7b" / "grpo_cider_lora.yaml"
 
 
-@pytest.fixture(scope="module")
-def qwen_3b(tmp_path_factory) -> Path:
-    """Qwen2.5-VL-3B-Instruct's config: the 7B file with the 3B's published language-model sizes (tied embeddings)."""
-    folder = tmp_path_factory.mktemp("qwen2_5_vl_3b")
-    config = json.loads((QWEN_7B / "config.json").read_text())
-    config.update(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
-    config["vision_config"]["out_hidden_size"] = 2048
-    (folder / "config.json").write_text(json.dumps(config))
-    shutil.copy(QWEN_7B / "preprocessor_config.json", folder)
-    return folder
-
-
-def config_for(path: Path, qwen_3b: Path) -> str:
-    return str({"llava_1_5_7b": LLAVA, "qwen2_5_vl_3b": qwen_3b, "qwen2_5_vl_7b": QWEN_7B}[path.parent.name])
+def config_for(path: Path, qwen_3b_config: Path) -> str:
+    return str({"llava_1_5_7b": LLAVA, "qwen2_5_vl_3b": qwen_3b_config, "qwen2_5_vl_7b": QWEN_7B}[path.parent.name])
 
 
 def overrides_for(path: Path) -> list[str]:
@@ -52,10 +37,10 @@ def test_an_80_gb_gpu_is_sized_as_the_device_reports_it():
     assert round(gpu_capacity(80) / GIB, 1) == 79.2 and round(gpu_capacity(40) / GIB, 1) == 39.6
 
 
-def test_tied_embeddings_are_counted_once(qwen_3b):
+def test_tied_embeddings_are_counted_once(qwen_3b_config):
     from balcaprl.config import CaptionModelConfig
 
-    shape = model_shape(str(qwen_3b), CaptionModelConfig(model_name_or_path=str(qwen_3b)))
+    shape = model_shape(str(qwen_3b_config), CaptionModelConfig(model_name_or_path=str(qwen_3b_config)))
     assert shape.total_parameters == 3_754_622_976  # 4,065,787,904 with the LM head counted beside the embedding
 
 
@@ -99,10 +84,10 @@ def memory_section(text: str) -> str:
 
 @pytest.mark.parametrize("gpu_gb", [24, 48, 80])
 @pytest.mark.parametrize("path", GPU_RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
-def test_no_verdict_is_contradicted_by_a_line_below_it(path, gpu_gb, qwen_3b, tmp_path):
+def test_no_verdict_is_contradicted_by_a_line_below_it(path, gpu_gb, qwen_3b_config, tmp_path):
     report = preflight(
         str(path), [*overrides_for(path), "--output_dir", str(tmp_path / "out")],
-        model_config=config_for(path, qwen_3b), gpus=None, gpu_memory_gb=gpu_gb,
+        model_config=config_for(path, qwen_3b_config), gpus=None, gpu_memory_gb=gpu_gb,
     )  # fmt: skip
     memory, section = report.memory, memory_section(report.render())
     stage, gradient_checkpointing = memory.notes[0], "gradient_checkpointing: true"
