@@ -158,14 +158,14 @@ def model_shape(config_source: str, model_args) -> ModelShape:
         {"projector"} if model_args.freeze_projector else set()
     )
     total = sum(p.numel() for p in model.parameters())
+    targets = lora_targets(model, model_args, family) if model_args.use_peft else []
     if model_args.use_peft:
-        trainable = lora_parameters(model, model_args, family)
+        trainable = lora_parameters(targets, model_args.lora_r)
         # an unfrozen vision tower or projector trains in full beside the adapters (PEFT modules_to_save)
         trained_in_full = {"vision", "projector"} - frozen
         trainable += sum(p.numel() for n, p in model.named_parameters() if part_of(n, family) in trained_in_full)
     else:
         trainable = sum(p.numel() for n, p in model.named_parameters() if part_of(n, family) not in frozen)
-    targets = lora_targets(model, model_args, family) if model_args.use_peft else []
     vision = getattr(config, "vision_config", None)
     text = text_config(config)
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else str(getattr(config, "dtype", "float32"))
@@ -230,6 +230,7 @@ def lora_targets(model, model_args, family: str) -> list:
     return modules
 
 
-def lora_parameters(model, model_args, family: str) -> int:
-    """Parameters of the LoRA adapters `balcaprl.models.peft_config` would add: r x (in + out) per targeted Linear."""
-    return sum(model_args.lora_r * (m.in_features + m.out_features) for m in lora_targets(model, model_args, family))
+def lora_parameters(targets: list, lora_r: int) -> int:
+    """Parameters of the LoRA adapters `balcaprl.models.peft_config` would add to the Linear ``targets``
+    (`lora_targets`): r x (in + out) each."""
+    return sum(lora_r * (m.in_features + m.out_features) for m in targets)

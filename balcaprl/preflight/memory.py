@@ -46,6 +46,10 @@ class VLLMNeeds:
     def holds(self) -> bool:
         return self.total <= self.share
 
+    def utilization_needed(self, gpu_bytes: float) -> float:
+        """The ``vllm_gpu_memory_utilization`` that holds `total`, rounded up to the next 0.05."""
+        return math.ceil(self.total / gpu_bytes * 20) / 20
+
 
 @dataclass
 class MemoryEstimate:
@@ -242,7 +246,7 @@ def advice(estimate: MemoryEstimate, hardware: Hardware, training_args, lora: bo
     largest, stage = estimate.largest, hardware.zero_stage
     remedies = []
     if largest.startswith("vLLM share") and estimate.vllm is not None:
-        needed = math.ceil(estimate.vllm.total / estimate.gpu_bytes * 20) / 20  # to the next 0.05
+        needed = estimate.vllm.utilization_needed(estimate.gpu_bytes)
         if needed < training_args.vllm_gpu_memory_utilization:
             remedies.append(f"lower vllm_gpu_memory_utilization to {needed:.2f} (vLLM needs {needed:.0%} of the GPU)")
         remedies += ["vllm_enable_sleep_mode: true (frees the share while training)", "vllm_mode: server"]
@@ -286,7 +290,7 @@ def check_memory(report: PreflightReport, estimate: MemoryEstimate, hardware: Ha
             f"KV cache of the rollout batch ({vllm.kv_cache / GIB:.1f} GiB) and its own peak "
             f"({vllm.own_peak / GIB:.1f} GiB)"
         )
-        needed = math.ceil(vllm.total / estimate.gpu_bytes * 20) / 20
+        needed = vllm.utilization_needed(estimate.gpu_bytes)
         spare = TIGHT_BELOW * estimate.gpu_bytes - estimate.total
         if (needed - training_args.vllm_gpu_memory_utilization) * estimate.gpu_bytes <= spare:
             remedies.append(f"raise vllm_gpu_memory_utilization to {needed:.2f}")
