@@ -37,7 +37,7 @@ def _stage_parser(subparsers, name: str, help_text: str) -> None:
         nargs="?",
         const="",
         metavar="TEXT",
-        help="list the recipe keys (with TEXT: those whose name contains it or whose help has a word starting with it)",
+        help="list the recipe keys (with TEXT: those whose name contains it, or with a word of help starting with it)",
     )
 
 
