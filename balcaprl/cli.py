@@ -8,6 +8,8 @@
     balcaprl evaluate score|compare ...       score captions (JSONL, or COCO results + --annotations) / compare reports
     balcaprl merge ADAPTER_DIR --output-dir DIR [--base-model B]   a LoRA adapter merged into its base, for serving
     balcaprl data inspect|recaption ...       look at a dataset before a run / write detailed reference captions
+    balcaprl judge audit --judge-base-url URL --judge-model M [...]   can the judge be trusted? (agreement with
+                                              exact scores on the shapes world or your labelled captions)
     balcaprl demo [--quick]                   the CPU demo on the synthetic world (runs/demo/report.md)
     balcaprl reproduce [--quick]              when the papers' claims hold at small scale (runs/reproduce/results.md)
 
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.add_parser(
         "data", help="Inspect a dataset, or recaption images (see `balcaprl data --help`).", add_help=False
     )
+    subparsers.add_parser(
+        "judge", help="Audit a judge against exact scores (see `balcaprl judge --help`).", add_help=False
+    )
     for name, text in [("demo", "The CPU demo on the synthetic shapes world."), ("reproduce", "Both papers' claims.")]:
         subparsers.add_parser(name, help=f"{text} (see `balcaprl {name} --help`).", add_help=False)
     return parser
@@ -89,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from balcaprl.data.cli import main as data
 
         sys.exit(data(argv[1:]))
+    if argv[:1] == ["judge"]:  # its own parser: judge audit
+        from balcaprl.judge.cli import main as judge
+
+        sys.exit(judge(argv[1:]))
     if argv[:1] == ["demo"]:
         from balcaprl.experiments.demo import main as demo
 

@@ -144,7 +144,7 @@ class FaultInjectingServer(LoopbackChatServer):
         self._note(fault)
         if fault == "timeout":
             if not self.wait(self.hang_s):  # the client has given up by now; answering must not break the server
-                handler.send_answer(self.responder(messages))
+                handler.send_answer(self.responder(messages), record_usage=False)
         elif fault == "http_500":
             handler.send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": {"message": "injected", "type": "server"}})
         elif fault == "http_429":

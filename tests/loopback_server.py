@@ -1,7 +1,8 @@
 """A loopback OpenAI-compatible chat server for tests and benchmarks of the judge client.
 
 It serves ``POST /v1/chat/completions`` on 127.0.0.1 (a free port chosen by the OS) from a daemon thread, answers
-with whatever a ``responder(messages) -> str`` returns, and can wait a fixed latency per request, which is what the
+with whatever a ``responder(messages) -> str`` returns, with a deterministic ``usage`` (`token_usage`: words of the
+prompt and of the answer) that it also records, and can wait a fixed latency per request, which is what the
 throughput benchmark (:mod:`benchmarks.judge`, which imports it from here) needs. Test tooling stays out of the
 installed package; the fault-injecting subclass the tests use lives in ``tests/judge_servers.py``.
 
@@ -53,15 +54,25 @@ def prompt_text(messages: Messages) -> str:
     return "\n".join(texts)
 
 
-def chat_completion_body(content: str, model: str) -> dict[str, Any]:
-    """A minimal OpenAI ``chat.completion`` response object carrying ``content``."""
+def token_usage(messages: Messages, content: str) -> dict[str, int]:
+    """The ``usage`` the loopback server reports: the words of the prompt's text (`prompt_text`) and of the answer."""
+    prompt_tokens, completion_tokens = len(prompt_text(messages).split()), len(content.split())
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion_body(content: str, model: str, usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """A minimal OpenAI ``chat.completion`` response object carrying ``content`` and ``usage`` (zeros by default)."""
     return {
         "id": "chatcmpl-loopback",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        "usage": usage or {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
     }
 
 
@@ -74,6 +85,7 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
     # response by ~40 ms — real servers set TCP_NODELAY too.
     disable_nagle_algorithm = True
     server: _HTTPServer
+    messages: Messages = []  # those of the request being answered
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature of the base class
         pass  # tests run thousands of requests; access logs would drown pytest's output
@@ -100,6 +112,7 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError):
             self.send_json(HTTPStatus.BAD_REQUEST, {"error": {"message": "body is not a chat request", "type": "bad"}})
             return
+        self.messages = messages
         self.server.owner._record_request(self.headers, body)
         self.server.owner.handle_chat(self, body, messages)
 
@@ -115,13 +128,20 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
         self.wfile.write(encoded)
         self.wfile.flush()
 
-    def send_answer(self, content: str) -> None:
-        """Send a 200 chat completion whose message content is ``content``."""
-        self.send_json(HTTPStatus.OK, chat_completion_body(content, self.server.owner.model))
+    def send_answer(self, content: str, *, record_usage: bool = True) -> None:
+        """Send a 200 chat completion whose message content is ``content``, with its `token_usage`, which the server
+        records (unless ``record_usage`` is False: an answer the client has stopped waiting for). Recorded before it
+        is sent, so that a client that has its answer finds it in the server's sums."""
+        usage = token_usage(self.messages, content)
+        if record_usage:
+            self.server.owner._record_usage(usage)
+        self.send_json(HTTPStatus.OK, chat_completion_body(content, self.server.owner.model, usage))
 
     def send_truncated_answer(self, content: str) -> None:
-        """Announce a full 200 answer but send only half of its body, then close the connection."""
-        encoded = json.dumps(chat_completion_body(content, self.server.owner.model)).encode()
+        """Announce a full 200 answer but send only half of its body, then close the connection (no usage recorded:
+        the client cannot read it)."""
+        usage = token_usage(self.messages, content)
+        encoded = json.dumps(chat_completion_body(content, self.server.owner.model, usage)).encode()
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(encoded)))
@@ -163,6 +183,8 @@ class LoopbackChatServer:
         request_count: requests received on the chat route (thread-safe counter).
         authorization_headers: the ``Authorization`` header of every request, in arrival order.
         bodies: the decoded JSON body of every request, in arrival order.
+        usages: the ``usage`` of every complete answer sent by `ChatRequestHandler.send_answer`, in order;
+            ``prompt_tokens`` / ``completion_tokens`` are their sums.
 
     Use as ``with LoopbackChatServer(...) as server: client(base_url=server.base_url)``. A server stopped and
     started again listens on the same port, as a restarted judge server would (a judge that "goes down" mid-run).
@@ -175,6 +197,7 @@ class LoopbackChatServer:
         self.request_count = 0
         self.authorization_headers: list[str | None] = []
         self.bodies: list[dict[str, Any]] = []
+        self.usages: list[dict[str, int]] = []
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
@@ -187,6 +210,16 @@ class LoopbackChatServer:
         if self._http_server is None:
             raise RuntimeError("The loopback server is not running; use it as a context manager.")
         return self._http_server.server_address[1]
+
+    @property
+    def prompt_tokens(self) -> int:
+        with self._lock:
+            return sum(usage["prompt_tokens"] for usage in self.usages)
+
+    @property
+    def completion_tokens(self) -> int:
+        with self._lock:
+            return sum(usage["completion_tokens"] for usage in self.usages)
 
     @property
     def base_url(self) -> str:
@@ -241,6 +274,10 @@ class LoopbackChatServer:
             self.request_count += 1
             self.authorization_headers.append(headers.get("Authorization"))
             self.bodies.append(body)
+
+    def _record_usage(self, usage: dict[str, int]) -> None:
+        with self._lock:
+            self.usages.append(usage)
 
     def _track_connection(self, connection: socket.socket, *, add: bool) -> None:
         with self._lock:

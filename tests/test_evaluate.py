@@ -475,6 +475,34 @@ def test_exact_world_rewards_stand_in_for_the_judges(tmp_path):
     assert_world_values(tmp_path / "cli")
 
 
+def test_report_gives_the_judge_tokens_and_their_cost(scripted_server, tmp_path):
+    """`score` with a priced judge: the report's token totals are the usage the server answered with (the health
+    check is off, so every answer belongs to the scoring) and the cost is their price; without a price, no cost."""
+    captions = tmp_path / "captions.jsonl"
+    records = [{"id": "1", "caption": "a red circle"}, {"id": "2", "caption": "the the circle"}]
+    captions.write_text("".join(json.dumps({**record, "references": [REFERENCE]}) + "\n" for record in records))
+    judge = ["--judge-base-url", scripted_server.base_url, "--judge-model", "scripted", "--judge-max-retries", "1"]
+    common = ["score", str(captions), "--no-classic", "--no-plots", "--no-judge-health-check", *judge]
+
+    price = ["--judge-price-per-million-tokens", "3", "15"]
+    assert evaluate_main([*common, "--output-dir", str(tmp_path / "priced"), *price]) == 0
+    priced = json.loads((tmp_path / "priced" / "report.json").read_text())["judge"]
+    calls = priced["calls"]
+    assert calls["prompt_tokens"] == scripted_server.prompt_tokens > 0
+    assert calls["completion_tokens"] == scripted_server.completion_tokens > 0
+    assert priced["price_per_million_tokens"] == [3.0, 15.0]
+    expected = (calls["prompt_tokens"] * 3 + calls["completion_tokens"] * 15) / 1e6
+    assert priced["cost"] == pytest.approx(expected, rel=1e-12)
+    line = (
+        f"Judge tokens: {calls['prompt_tokens']} prompt, {calls['completion_tokens']} completion; cost {expected:.6g}"
+    )
+    assert f"{line} at 3 / 15 per million tokens." in (tmp_path / "priced" / "report.md").read_text()
+
+    assert evaluate_main([*common, "--output-dir", str(tmp_path / "unpriced")]) == 0
+    unpriced = json.loads((tmp_path / "unpriced" / "report.json").read_text())["judge"]
+    assert "cost" not in unpriced and unpriced["calls"]["prompt_tokens"] == calls["prompt_tokens"]  # deterministic
+
+
 # ------------------------------------------------------------------------------------------------ real llama.cpp
 
 

@@ -21,12 +21,12 @@ from PIL import Image
 
 from balcaprl.data.images import ImageResize
 from balcaprl.judge.client import JudgeClient
-from balcaprl.judge.config import DEFAULT_MAX_PIXELS
+from balcaprl.judge.config import DEFAULT_MAX_PIXELS, JudgeConfig, token_cost
 from balcaprl.judge.images import ImageEncoder, budget_size
 from balcaprl.judge.messages import extract_json_object, image_message_part, image_to_data_url
 from benchmarks.judge import format_judge_step, judge_step, judge_throughput
 from tests.judge_servers import FAULTS, FaultInjectingServer, body_bytes, free_port, photo
-from tests.loopback_server import prompt_text
+from tests.loopback_server import chat_completion_body, prompt_text
 
 SCORE_SCHEMA = {"type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"]}
 FAST_BACKOFF = {"backoff_base_s": 0.002, "backoff_max_s": 0.01}
@@ -122,12 +122,17 @@ def test_batch_of_200_survives_30_percent_faults_and_counts_permanent_failures()
     assert client.requests == 200 + client.retries == server.request_count
     assert client.calls == 200
     assert client.bytes_sent == sum(body_bytes(body) for body in server.bodies)
+    # Tokens of every answer the client read (malformed ones too); the hung, truncated and dropped ones have none.
+    assert (client.prompt_tokens, client.completion_tokens) == (server.prompt_tokens, server.completion_tokens)
+    assert client.prompt_tokens > 0 and client.completion_tokens > 0
     assert client.pop_metrics() == {
         "judge/requests": float(client.requests),
         "judge/retries": float(client.retries),
         "judge/failures": 10.0,
         "judge/cache_hits": 0.0,
         "judge/bytes_sent": float(client.bytes_sent),
+        "judge/prompt_tokens": float(client.prompt_tokens),
+        "judge/completion_tokens": float(client.completion_tokens),
     }
     assert set(client.pop_metrics().values()) == {0.0}  # the interval since the last pop is empty
 
@@ -169,6 +174,81 @@ def test_gives_up_after_max_retries_without_raising():
         client = JudgeClient(server.base_url, "loopback", max_retries=2, **FAST_BACKOFF)
         assert ask_all(client, [prompt_messages(1)]) == [None]
     assert (client.requests, client.retries, client.failures) == (3, 2, 1) and server.request_count == 3
+
+
+# -------------------------------------------------------------------------------------------------------------- tokens
+
+
+def test_tokens_count_every_answer_paid_for_and_nothing_for_cache_hits(tmp_path):
+    """Rejected answers (not JSON, not the schema) are paid for and retried; cache hits and shared calls cost 0."""
+    seen: set[int] = set()
+
+    def wrong_schema_first(messages):
+        index = prompt_index(messages)
+        if index not in seen:
+            seen.add(index)
+            return '{"verdict": "great"}'  # JSON, but not the schema: retried
+        return score_responder(messages)
+
+    with FaultInjectingServer(
+        wrong_schema_first, fault_rate=1.0, faults=("malformed_json",), max_consecutive_faults=1
+    ) as server:
+        client = JudgeClient(server.base_url, "loopback", cache_dir=tmp_path, max_retries=2, **FAST_BACKOFF)
+        message_lists = [prompt_messages(index) for index in range(4)]
+        assert ask_all(client, message_lists) == [{"score": index} for index in range(4)]
+        # Per prompt: a malformed answer, one of the wrong schema, the right one; each read and paid for.
+        assert server.fault_counts["malformed_json"] == 4 and client.requests == len(server.usages) == 12
+        prompt_words = sum(len(prompt_text(body["messages"]).split()) for body in server.bodies)
+        # 'Here is my verdict: {"score": 3,, oops' (7 words), '{"verdict": "great"}' (2), '{"score": N}' (2)
+        assert (client.prompt_tokens, client.completion_tokens) == (prompt_words, 4 * (7 + 2 + 2))
+        assert (client.prompt_tokens, client.completion_tokens) == (server.prompt_tokens, server.completion_tokens)
+        first = client.pop_metrics()
+        assert (first["judge/prompt_tokens"], first["judge/completion_tokens"]) == (prompt_words, 44.0)
+
+        assert ask_all(client, message_lists + message_lists) == [{"score": index} for index in range(4)] * 2
+        again = client.pop_metrics()
+        assert again["judge/cache_hits"] == 8.0 and again["judge/requests"] == 0.0
+        assert again["judge/prompt_tokens"] == again["judge/completion_tokens"] == 0.0
+        assert len(server.usages) == 12
+
+
+class NoUsageServer(FaultInjectingServer):
+    """Answers as a server that reports no ``usage`` (the field is optional in practice)."""
+
+    def handle_chat(self, handler, body, messages):
+        answer = chat_completion_body(self.responder(messages), self.model)
+        del answer["usage"]
+        handler.send_json(200, answer)
+
+
+def test_an_answer_without_usage_counts_no_tokens():
+    with NoUsageServer(score_responder) as server:
+        client = JudgeClient(server.base_url, "loopback", **FAST_BACKOFF)
+        assert ask_all(client, [prompt_messages(index) for index in range(3)]) == [{"score": i} for i in range(3)]
+    assert (client.requests, client.failures, client.prompt_tokens, client.completion_tokens) == (3, 0, 0, 0)
+
+
+class TestPrice:
+    def test_cost_of_tokens_by_hand(self):
+        # 1,200,000 prompt tokens at 0.15 per million and 30,000 completion tokens at 0.6: 0.18 + 0.018
+        assert token_cost(1_200_000, 30_000, (0.15, 0.6)) == pytest.approx(0.198, rel=1e-12)
+        assert token_cost(0, 0, (3.0, 15.0)) == 0.0
+
+    @pytest.mark.parametrize("price", [[0.15, 0.6], (0, 0), ["1e-1", 2]])
+    def test_a_pair_of_non_negative_numbers_is_kept_as_floats(self, price):
+        client = JudgeClient("http://127.0.0.1:8000/v1", "m", price_per_million_tokens=price)
+        assert client.price_per_million_tokens == tuple(float(value) for value in price)
+        assert JudgeConfig(judge_price_per_million_tokens=price).judge_price_per_million_tokens == list(
+            client.price_per_million_tokens
+        )
+        assert JudgeClient("http://127.0.0.1:8000/v1", "m").price_per_million_tokens is None
+
+    @pytest.mark.parametrize("price", [3.0, [0.15], [1, 2, 3], [-0.1, 0.6], [0.15, float("nan")], [0.1, "x"], "0.1"])
+    def test_anything_else_is_an_error_naming_the_key(self, price):
+        with pytest.raises(ValueError, match="judge_price_per_million_tokens must be"):
+            JudgeClient("http://127.0.0.1:8000/v1", "m", price_per_million_tokens=price)
+        with pytest.raises(ValueError, match="judge_price_per_million_tokens must be"):
+            JudgeConfig(judge_price_per_million_tokens=price)
 
 
 # --------------------------------------------------------------------------------------------------------------- cache
@@ -465,6 +545,7 @@ def test_real_llama_cpp_server_answers_schema_constrained_json(llama_cpp_base_ur
         "additionalProperties": False,
     }
     tokens_before = _llama_metric(llama_cpp_base_url, "prompt_tokens_total")
+    predicted_before = _llama_metric(llama_cpp_base_url, "tokens_predicted_total")
     client = JudgeClient(llama_cpp_base_url, "smollm2-135m", max_tokens=24, timeout=60, max_retries=1)
     captions = ["A cat sleeps on a red sofa.", "Two dogs run on a beach at sunset."]
     messages = [
@@ -482,6 +563,9 @@ def test_real_llama_cpp_server_answers_schema_constrained_json(llama_cpp_base_ur
     assert all(isinstance(answer, dict) and 1 <= answer["score"] <= 5 for answer in answers), answers
     assert client.failures == 0 and client.requests >= 2
     assert _llama_metric(llama_cpp_base_url, "prompt_tokens_total") > tokens_before
+    # The usage llama.cpp reports is what it decoded (its prompt metric leaves out prompt tokens it had cached).
+    assert client.completion_tokens == _llama_metric(llama_cpp_base_url, "tokens_predicted_total") - predicted_before
+    assert client.prompt_tokens >= 2 * 10 and client.completion_tokens > 0
 
 
 def test_real_llama_cpp_server_prompt_only_json(llama_cpp_base_url):

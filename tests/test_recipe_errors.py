@@ -72,6 +72,10 @@ RL_CASES = [
     ("reward with the wrong signature", {"reward_funcs": ["narrow_rewards:only_completions", "world_linguistic"]}, [],
      "'only_completions' cannot be called as TRL calls it: got an unexpected keyword argument 'prompts'"),
     ("reward weights of another length", {"reward_weights": [1.0, 2.0]}, [], "reward_weights has 2 value(s) for 3"),
+    ("judge price a single number", {"judge_price_per_million_tokens": 0.15}, [],
+     "judge_price_per_million_tokens must be [input_price, output_price], two finite numbers >= 0"),
+    ("negative judge price", {}, ["--judge_price_per_million_tokens", "0.15", "-0.6"],
+     "judge_price_per_million_tokens must be [input_price, output_price]"),
     ("unknown key", {}, ["--num_generation", "4"], "--list-keys"),
     ("model folder that does not exist", {}, ["--model_name_or_path", "/nonexistent/qwen"], "no such folder"),
     ("Hub model missing offline", {}, ["--model_name_or_path", "Qwen/Qwen2.5-VL-3B-Instruct"],
@@ -193,6 +197,11 @@ def test_list_keys_prints_every_key_with_its_help():
     assert result.returncode == 0, result.stderr
     for key in ("advantage_estimator", "length_mask_rewards", "judge_base_url", "lora_r", "dataset", "temperature"):
         assert f"--{key} (" in result.stdout
+    judge_keys = run_cli("train", "--list-keys", "judge").stdout
+    assert (
+        "--judge_price_per_million_tokens (list[float] | None, default None): [input_price, output_price]"
+        in judge_keys
+    )
     filtered = run_cli("train", "--list-keys", "lora").stdout
     assert "--lora_r (" in filtered and "--temperature (" not in filtered and "--entropy_coef" not in filtered
     assert "--sft_references (" in run_cli("sft", "--list-keys").stdout

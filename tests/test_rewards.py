@@ -329,3 +329,31 @@ def test_balcaprl_training_run_with_judges(tiny_models, tmp_path, llama_cpp_base
         assert "rewards/precision/mean" in log and "length/masked_frac" in log
     assert scripted_server.judge.calls["precision"] > 0
     assert "precision/assertions" in trainer._logs["extra"]
+
+
+def test_training_logs_the_judge_tokens_and_their_cost(tiny_models, tmp_path, scripted_server):
+    """Every judge reward on the loopback judge, priced: each step logs the tokens of its judge answers (the server's
+    usage) and their cost; over the run they add up to what the server answered."""
+    from tests.helpers import make_trainer
+
+    price = [0.5, 2.0]
+    rewards = get_reward_funcs(
+        ["precision", "recall", "linguistic"], judge_base_url=scripted_server.base_url, judge_model="scripted",
+        judge_max_retries=1, judge_backoff_base_s=0.001, judge_backoff_max_s=0.01,
+        judge_price_per_million_tokens=price,
+    )  # fmt: skip
+    assert rewards[0].judge.price_per_million_tokens == (0.5, 2.0)
+    trainer = make_trainer(
+        tiny_models["qwen2_5_vl"], tmp_path, rewards, max_steps=2, per_device_train_batch_size=4,
+        max_completion_length=6,
+    )  # fmt: skip
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 2
+    for log in logs:
+        assert log["judge/prompt_tokens"] > 0 and log["judge/completion_tokens"] > 0
+        expected = (log["judge/prompt_tokens"] * price[0] + log["judge/completion_tokens"] * price[1]) / 1e6
+        assert log["judge/cost"] == pytest.approx(expected, rel=1e-12)
+    assert sum(log["judge/prompt_tokens"] for log in logs) == scripted_server.prompt_tokens
+    assert sum(log["judge/completion_tokens"] for log in logs) == scripted_server.completion_tokens
+    assert sum(log["judge/requests"] for log in logs) == scripted_server.request_count

@@ -147,15 +147,13 @@ class CaptionClient(JudgeClient):
     """`JudgeClient` asked for plain text: the same concurrency bound, retries, cache, metrics and image encoding.
 
     The judge validates JSON answers; its HTTP client is wrapped so that a text answer arrives as ``{"caption":
-    text}`` (empty text as no JSON, a cut one with an extra key: both faults the judge retries). It also sums the
-    server's ``usage`` and keeps each failed request's last fault for the failures file.
+    text}`` (empty text as no JSON, a cut one with an extra key: both faults the judge retries). It keeps each failed
+    request's last fault for the failures file; the judge counts the server's ``usage`` tokens.
     """
 
     def __init__(self, *args: Any, max_tokens_parameter: str = "max_tokens", **kwargs: Any):
         super().__init__(*args, response_format="none", schema_in_prompt=False, **kwargs)
         self.max_tokens_parameter = max_tokens_parameter
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
         self.faults: dict[str, str] = {}
 
     async def caption(self, messages: list[dict[str, Any]], prompt_version: str) -> tuple[str | None, str]:
@@ -190,9 +188,6 @@ class CaptionClient(JudgeClient):
             content = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             return response  # not a chat completion: the judge's own checks name the fault
-        usage = response.get("usage") or {}
-        self._count("prompt_tokens", int(usage.get("prompt_tokens") or 0))
-        self._count("completion_tokens", int(usage.get("completion_tokens") or 0))
         text = content.strip() if isinstance(content, str) else ""
         answer: dict[str, Any] = {"caption": text}
         if choice.get("finish_reason") == "length":

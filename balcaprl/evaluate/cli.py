@@ -25,7 +25,7 @@ from balcaprl.evaluate.inputs import read_caption_input
 from balcaprl.evaluate.records import EvaluationDataError, default_name
 from balcaprl.evaluate.run import generate_and_evaluate
 from balcaprl.judge.client import JudgeClient, quiet_request_logs
-from balcaprl.judge.config import JudgeConfig
+from balcaprl.judge.config import add_judge_arguments
 from balcaprl.rewards.world import WORLD_REWARDS
 
 __all__ = ["build_parser", "main"]
@@ -75,21 +75,7 @@ def _add_scoring_arguments(parser: argparse.ArgumentParser) -> None:
         help="skip the judge health check (one real request of each kind the evaluation sends, before generating "
         "or scoring: the check of `balcaprl train`, whose recipes turn it off with judge_health_check: false)",
     )
-    judge = parser.add_argument_group("judge (the recipes' judge_* keys, declared in balcaprl.judge.JudgeConfig)")
-    for setting in dataclasses.fields(JudgeConfig):
-        judge.add_argument(
-            f"--{setting.name.replace('_', '-')}",
-            dest=setting.name,
-            type=_parse_bool if isinstance(setting.default, bool) else type(setting.default or ""),
-            choices=setting.metadata.get("choices"),
-            help=setting.metadata["help"],
-        )
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
+    add_judge_arguments(parser)
 
 
 def _evaluation_options(arguments: argparse.Namespace, parser: argparse.ArgumentParser) -> EvaluationOptions:
@@ -106,7 +92,10 @@ def _evaluation_options(arguments: argparse.Namespace, parser: argparse.Argument
         parser.error("a judge needs both --judge-base-url URL and --judge-model NAME.")
     judge = None
     if arguments.judge_base_url:
-        judge = JudgeClient.from_config(vars(arguments))  # the judge_* recipe keys; None keeps a default
+        try:
+            judge = JudgeClient.from_config(vars(arguments))  # the judge_* recipe keys; None keeps a default
+        except ValueError as error:  # a bad value (a negative price, ...): the message names the key
+            parser.error(str(error))
     specs = list(WORLD_REWARDS) if arguments.exact_world_judges else arguments.balcap_rewards
     balcap_rewards = None
     if specs and not arguments.no_balcap:

@@ -33,6 +33,7 @@ from balcaprl.evaluate.records import (
 )
 from balcaprl.evaluate.report import finite, summary_metrics, write_report
 from balcaprl.judge.client import COUNTER_NAMES, JudgeClient
+from balcaprl.judge.config import token_cost
 
 __all__ = ["EvaluationOptions", "evaluate_captions", "evaluate_captions_async"]
 
@@ -239,6 +240,10 @@ async def evaluate_captions_async(
     if judge is not None:
         calls = {counter: getattr(judge, counter) - counters_before[counter] for counter in counted}
         report["judge"]["calls"] = {"asked": calls.pop("calls"), **calls}
+        price = judge.price_per_million_tokens
+        if price is not None:
+            report["judge"]["price_per_million_tokens"] = list(price)
+            report["judge"]["cost"] = token_cost(calls["prompt_tokens"], calls["completion_tokens"], price)
 
     per_caption: dict[str, dict[str, Any]] = {r.id: {"id": r.id, "caption": r.caption} for r in records}
     for section_name in SECTIONS:

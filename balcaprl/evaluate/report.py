@@ -88,9 +88,15 @@ def _markdown(report: Mapping[str, Any], plot_files: Sequence[str]) -> str:
     lines += [f"{report['num_captions']} captions · {report['created']} · {judge_text}", ""]
     if judge is not None and "calls" in judge:
         calls = judge["calls"]
+        cost = ""
+        if judge.get("cost") is not None:
+            input_price, output_price = judge["price_per_million_tokens"]
+            cost = f"; cost {judge['cost']:.6g} at {input_price:g} / {output_price:g} per million tokens"
         lines += [
             f"Judge calls: {calls['failures']} of {calls['asked']} failed after their retries; "
             f"{calls['requests']} requests, {calls['cache_hits']} cache hits, {calls['retries']} retries.",
+            "",
+            f"Judge tokens: {calls['prompt_tokens']} prompt, {calls['completion_tokens']} completion{cost}.",
             "",
         ]
     generation = report.get("generation")

@@ -11,7 +11,9 @@ During RL that is hundreds of requests per step, so the client is built for a fl
   other 4xx (bad request, bad key) is not retried: ``None``, a failure, and one warning per status code. The openai
   client's own retries are off, so ``requests`` counts every HTTP attempt exactly;
 - cost: answers are cached on disk (``cache_dir``), and identical requests in flight at the same time share one call,
-  so a reference decomposed by 8 rollouts at once costs one request;
+  so a reference decomposed by 8 rollouts at once costs one request. The tokens paid for are counted from the
+  ``usage`` of every response the server completed, including answers then rejected (not JSON, not the schema) and
+  retried; cached and shared answers cost nothing, and a server that sends no ``usage`` counts 0 tokens;
 - images: resized to ``max_pixels`` (aspect ratio kept, never upscaled), sent as JPEG (PNG when small and not from a
   JPEG), encoded once per distinct image and off the event loop (`JudgeClient.image_part`; the rules and their
   reasons are in `balcaprl.judge.images`);
@@ -21,9 +23,11 @@ During RL that is hundreds of requests per step, so the client is built for a fl
   made; it never appears in ``repr``, exceptions or log records (server messages are scrubbed of it).
 
 Metrics for the trainer: :meth:`JudgeClient.pop_metrics` returns ``judge/requests``, ``judge/retries``,
-``judge/failures``, ``judge/cache_hits`` and ``judge/bytes_sent`` for the interval since the previous call. The
-counters themselves (``requests``, ..., and ``calls``, the answers asked for) are cumulative attributes that other
-readers, such as the failure budget of `balcaprl.judge.guard`, can difference on their own schedule.
+``judge/failures``, ``judge/cache_hits``, ``judge/bytes_sent``, ``judge/prompt_tokens`` and ``judge/completion_tokens``
+for the interval since the previous call. The counters themselves (``requests``, ..., and ``calls``, the answers asked
+for) are cumulative attributes that other readers, such as the failure budget of `balcaprl.judge.guard`, can
+difference on their own schedule. ``price_per_million_tokens`` turns tokens into money (`token_cost`); the trainer
+logs it as ``judge/cost``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import jsonschema
 import openai
 
 from balcaprl.judge.cache import CACHE_FORMAT_VERSION, _AnswerCache
-from balcaprl.judge.config import RECIPE_KEYS, RESPONSE_FORMATS, JudgeConfig
+from balcaprl.judge.config import RECIPE_KEYS, RESPONSE_FORMATS, JudgeConfig, price_pair
 from balcaprl.judge.images import EncodedImage, ImageEncoder, ImageLike
 from balcaprl.judge.messages import Message, _canonical_messages, _with_schema_instruction, extract_json_object
 
@@ -61,7 +65,7 @@ def quiet_request_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-COUNTER_NAMES = ("requests", "retries", "failures", "cache_hits", "bytes_sent")
+COUNTER_NAMES = ("requests", "retries", "failures", "cache_hits", "bytes_sent", "prompt_tokens", "completion_tokens")
 
 
 NO_API_KEY = "EMPTY"  # what vLLM / llama.cpp servers without --api-key accept; the openai client refuses None
@@ -107,6 +111,8 @@ class JudgeClient:
         backoff_max_s: longest backoff delay (also caps a server's ``Retry-After``).
         max_pixels: pixel budget of images sent (aspect ratio kept, never upscaled; None: no limit).
         jpeg_quality: JPEG quality of images sent (PNG is used for small images that do not come from a JPEG).
+        price_per_million_tokens: (input, output) price per million prompt / completion tokens, for the cost the
+            trainer and the evaluation report (`balcaprl.judge.config.token_cost`); None: no cost.
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class JudgeClient:
         backoff_max_s: float = _DEFAULTS.judge_backoff_max_s,
         max_pixels: int | None = _DEFAULTS.judge_max_pixels,
         jpeg_quality: int = _DEFAULTS.judge_jpeg_quality,
+        price_per_million_tokens: Sequence[float] | None = _DEFAULTS.judge_price_per_million_tokens,
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(
@@ -160,6 +167,7 @@ class JudgeClient:
         self.images = ImageEncoder(max_pixels, jpeg_quality)
         self.max_pixels = self.images.max_pixels
         self.jpeg_quality = self.images.jpeg_quality
+        self.price_per_million_tokens = price_pair(price_per_million_tokens)
 
         # Cumulative counters; pop_metrics reports their increase since its previous call.
         self.calls = 0  # answers asked for (complete_json calls), however they were served
@@ -168,6 +176,8 @@ class JudgeClient:
         self.failures = 0
         self.cache_hits = 0
         self.bytes_sent = 0  # request bodies, every attempt
+        self.prompt_tokens = 0  # the server's usage.prompt_tokens, every completed response
+        self.completion_tokens = 0  # the server's usage.completion_tokens, every completed response
         self._popped = dict.fromkeys(COUNTER_NAMES, 0)
         self._lock = threading.Lock()
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -284,8 +294,8 @@ class JudgeClient:
         return hashlib.sha256(encoded.encode()).hexdigest()
 
     def pop_metrics(self) -> dict[str, float]:
-        """``judge/requests``, ``judge/retries``, ``judge/failures``, ``judge/cache_hits``, ``judge/bytes_sent`` since
-        the previous call."""
+        """``judge/<counter>`` for each of `COUNTER_NAMES` (requests, retries, failures, cache hits, bytes sent,
+        prompt and completion tokens): its increase since the previous call."""
         with self._lock:
             current = {name: getattr(self, name) for name in COUNTER_NAMES}
             interval = {f"judge/{name}": float(current[name] - self._popped[name]) for name in COUNTER_NAMES}
@@ -312,6 +322,14 @@ class JudgeClient:
     def _count(self, name: str, amount: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
+
+    def _count_usage(self, response: Any) -> None:
+        """Adds the response's ``usage`` tokens; a response without them (some servers, a proxy's page) adds 0."""
+        usage = response.get("usage") if isinstance(response, dict) else None
+        usage = usage if isinstance(usage, dict) else {}
+        with self._lock:
+            self.prompt_tokens += _token_count(usage.get("prompt_tokens"))
+            self.completion_tokens += _token_count(usage.get("completion_tokens"))
 
     def _validator(self, schema: dict[str, Any]) -> jsonschema.protocols.Validator:
         key = json.dumps(schema, sort_keys=True)
@@ -475,6 +493,7 @@ class JudgeClient:
                 raise _GiveUp(f"rejected with HTTP {status}: {self._scrub(str(error.message))[:200]}") from None
             except (openai.APIError, ValueError) as error:  # a 200 whose body is not a chat completion
                 return None, f"malformed response ({type(error).__name__})", None
+        self._count_usage(response)  # paid for whether or not the answer is usable
         content = _message_content(response)
         answer = extract_json_object(content)
         if answer is None:
@@ -491,6 +510,10 @@ def _message_content(response: Any) -> str | None:
     except (KeyError, IndexError, TypeError):
         return None  # not a chat completion (e.g. a proxy's 200 with an HTML error page, which arrives as a str)
     return content if isinstance(content, str) else None
+
+
+def _token_count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _retry_after_seconds(response: Any) -> float | None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+from numbers import Real
 from typing import Any
 
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # Qwen2.5-VL's recommended upper bound (1280 visual tokens): 1,003,520 px
@@ -18,6 +22,8 @@ class JudgeConfig:
 
     judge_base_url / judge_model: the OpenAI-compatible judge server and the model it serves (a judge needs both).
     judge_api_key_env: NAME of the environment variable holding the API key (the key never goes in a recipe).
+    judge_price_per_million_tokens: [input_price, output_price], what the judge charges per million prompt and
+    completion tokens (in any currency); with it, training logs ``judge/cost`` and evaluation reports the cost.
     The others tune `JudgeClient` (concurrency, timeouts, retries, cache, decoding, answer format, backoff).
     """
 
@@ -55,6 +61,20 @@ class JudgeConfig:
     judge_jpeg_quality: int = field(
         default=DEFAULT_JPEG_QUALITY, metadata={"help": "JPEG quality of images sent to the judge (1-95)."}
     )
+    judge_price_per_million_tokens: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "[input_price, output_price]: the judge's price per million prompt and completion tokens, in "
+            "any currency; adds the judge/cost metric (None: no cost).",
+            "type": float,
+            "nargs": 2,
+            "metavar": ("INPUT", "OUTPUT"),
+        },
+    )
+
+    def __post_init__(self):
+        if self.judge_price_per_million_tokens is not None:
+            self.judge_price_per_million_tokens = list(price_pair(self.judge_price_per_million_tokens))
 
     def judge_context(self) -> dict[str, Any]:
         """The ``judge_*`` keys and values (what `get_reward_funcs` and `JudgeClient.from_config` read)."""
@@ -62,3 +82,57 @@ class JudgeConfig:
 
 
 RECIPE_KEYS = tuple(item.name for item in fields(JudgeConfig))
+
+
+def price_pair(price: Any) -> tuple[float, float] | None:
+    """``judge_price_per_million_tokens`` checked: None, or (input, output) prices, two non-negative finite numbers;
+    anything else is a ValueError naming the key."""
+    if price is None:
+        return None
+    pair = None
+    if isinstance(price, Sequence) and not isinstance(price, str) and len(price) == 2:
+        pair = tuple(_number(value) for value in price)  # YAML reads 1e-1 as a string: numeric strings count
+    if pair is None or None in pair or not all(math.isfinite(value) and value >= 0 for value in pair):
+        raise ValueError(
+            "judge_price_per_million_tokens must be [input_price, output_price], two finite numbers >= 0: the price "
+            f"per million prompt and completion tokens (e.g. [0.15, 0.6]); got {price!r}."
+        )
+    return pair
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (Real, str)):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def token_cost(prompt_tokens: float, completion_tokens: float, price: Sequence[float]) -> float:
+    """What ``prompt_tokens`` and ``completion_tokens`` cost at ``price`` = (input, output) per million tokens."""
+    return (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `JudgeConfig` key as a ``--judge-...`` option of a command line (its help, type and choices from the
+    field's metadata), in one argument group: the same judge options for every command that talks to a judge."""
+    group = parser.add_argument_group("judge (the recipes' judge_* keys, declared in balcaprl.judge.JudgeConfig)")
+    for setting in fields(JudgeConfig):
+        value_type = parse_bool if isinstance(setting.default, bool) else type(setting.default or "")
+        group.add_argument(
+            f"--{setting.name.replace('_', '-')}",
+            dest=setting.name,
+            type=setting.metadata.get("type", value_type),
+            nargs=setting.metadata.get("nargs"),
+            metavar=setting.metadata.get("metavar"),
+            choices=setting.metadata.get("choices"),
+            help=setting.metadata["help"],
+        )
+
+
+def parse_bool(text: str) -> bool:
+    """A command-line boolean: true / false, 1 / 0, yes / no (any case)."""
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
