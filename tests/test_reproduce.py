@@ -22,7 +22,8 @@ from balcaprl.experiments.reproduce_arms import (
     quick_settings,
     settings_from_dict,
 )
-from balcaprl.experiments.reproduce_verdicts import compute_verdicts, distinct_ngrams, reward_noise
+from balcaprl.experiments.reproduce_verdicts import compute_verdicts, reward_noise
+from balcaprl.monitors import distinct_ngrams
 from balcaprl.runtime import RL_CONFIG_TYPES, parse_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ import torch
 from balcaprl.advantages import compute_advantages
 from balcaprl.completions import completion_text
 from balcaprl.length import length_conditional_mask, word_length
+from balcaprl.monitors import MONITOR_NAMES, caption_monitors
 from tests.helpers import REFERENCE_WORDS, linguistic, make_trainer, mentions_colour, sometimes_unscorable
 
 CONTRACT_METRICS = ["length/ratio_mean", "length/masked_frac", "advantages/distinct_per_group"]
@@ -55,6 +56,16 @@ def test_contract_metrics_are_logged_every_step(trained):
             assert name in log and math.isfinite(log[name]), (name, log)
         assert 0.0 <= log["length/masked_frac"] <= 1.0
         assert 1.0 <= log["advantages/distinct_per_group"] <= 4.0
+
+
+def test_reward_hacking_monitors_are_those_of_the_step_captions(trained):
+    trainer = trained[0]
+    step_logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert all(name in log for log in step_logs for name in MONITOR_NAMES)
+    # TRL's completions table holds the last step's sampled captions (every process's: one here)
+    captions = [completion_text(c) for c in trainer._logs["completion"]]
+    expected = caption_monitors(captions, [REFERENCE_WORDS] * len(captions))
+    assert {name: step_logs[-1][name] for name in MONITOR_NAMES} == pytest.approx(expected)
 
 
 def test_the_loss_receives_compute_advantages_of_the_reward_matrix(trained):
@@ -321,3 +332,27 @@ def test_rows_without_references_do_not_stop_a_run_without_masking(tiny_models, 
     trainer.train()
     log = next(log for log in trainer.state.log_history if "loss" in log)
     assert "length/ratio_mean" not in log  # a metric only: skipped, the run goes on
+
+
+def test_the_trainer_logs_monitors_of_hand_made_captions(tiny_models, tmp_path):
+    trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, REWARDS)
+    captions = [
+        "A red circle is on the left. A blue square is on the right. A red circle is on the left.",  # repeats
+        "A red circle is on the left. A red circle is on the right.",  # no repeated sentence; 3 of 11 4-grams are
+        "a red circle and a red circle and a red circle and a red circle",  # one sentence: a repeated 4-gram
+        "A blue square.",
+    ]
+    references = ["a b c d", ["a b", "a b c d e f"], "a b c d", ["a b c d"]]  # mean lengths 4, 4, 4, 4 words
+    trainer._log_monitors("train", captions, references, with_references=True)
+    logged = {name: trainer._metrics["train"][name][-1] for name in MONITOR_NAMES}
+    assert logged["monitor/repeated_sentence"] == 0.25  # only the first caption
+    assert logged["monitor/repeated_4gram"] == pytest.approx((4 / 18 + 3 / 11 + 8 / 12 + 0) / 4)
+    assert logged["monitor/length_words"] == (21 + 14 + 15 + 3) / 4
+    assert logged["monitor/length_drift"] == (21 + 14 + 15 + 3) / 4 - 4
+    words = [word for caption in captions for word in caption.lower().replace(".", "").split()]
+    assert logged["monitor/distinct_1"] == len(set(words)) / len(words)
+    # without references the drift is not logged (a run whose rows have none)
+    trainer._metrics["train"].clear()
+    trainer._log_monitors("train", captions[:1], [None], with_references=False)
+    assert "monitor/length_drift" not in trainer._metrics["train"]
+    assert trainer._metrics["train"]["monitor/repeated_sentence"] == [1.0]

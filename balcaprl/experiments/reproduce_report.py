@@ -30,12 +30,12 @@ from balcaprl.experiments.reproduce_verdicts import (
     arm_columns,
     compute_verdicts,
     curve,
-    distinct_ngrams,
     reward_noise,
     stage1_columns,
     training_mean,
 )
 from balcaprl.length import DEFAULT_WINDOW
+from balcaprl.monitors import distinct_ngrams
 
 EXPERIMENT_SHORT = {"cider": "CIDEr-D reward", "balcap": "world rewards + mask", "length": "c-GDPO, length control"}
 

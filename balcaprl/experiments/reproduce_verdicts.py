@@ -21,6 +21,7 @@ from balcaprl.experiments.reproduce_arms import (
     SCENE_COLUMNS,
     ReproduceSettings,
 )
+from balcaprl.monitors import distinct_ngrams
 
 # The smallest differences that would matter, per quantity (an interval inside ±margin: "no difference").
 METRIC_LABELS = {"cider_d": "CIDEr-D", "b_capscore": "b-CapScore"}
@@ -54,17 +55,6 @@ def arm_columns(runs: dict, arm: str, seeds: tuple[int, ...]) -> dict[str, np.nd
 
 def stage1_columns(sft: dict) -> dict[str, np.ndarray]:
     return {column: np.array([sft[column]]) for column in SCENE_COLUMNS}
-
-
-def distinct_ngrams(captions: list[str], n: int) -> float:
-    """Distinct-n of a set of captions: unique n-grams / all n-grams (lower-cased words), a diversity measure."""
-    grams = [
-        tuple(words[i : i + n])
-        for caption in captions
-        for words in [caption.lower().split()]
-        for i in range(len(words) - n + 1)
-    ]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def curve(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -13,13 +13,15 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, gather_object
 from trl import GRPOTrainer
 
 from balcaprl.advantages import compute_advantages, distinct_per_group, get_estimator, nanstd
 from balcaprl.completions import completion_text
 from balcaprl.config import BalCapConfig
+from balcaprl.judge.config import token_cost
 from balcaprl.length import apply_length_mask, length_conditional_mask, length_ratios, word_length
+from balcaprl.monitors import caption_monitors
 from balcaprl.trainer.reward_checks import check_reward_set, checked_reward, masked_reward_names
 from balcaprl.trainer.vllm import (
     CaptioningVLLMGeneration,
@@ -53,9 +55,13 @@ class BalCapGRPOTrainer(GRPOTrainer):
     """GRPO trainer for captioning with c-GDPO / GRPO / SCST advantages and length-conditional reward masking.
 
     Takes the arguments of `trl.GRPOTrainer`; ``args`` must be a `BalCapConfig`. Metrics added to TRL's, every
-    step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group``, for SCST
+    step: ``length/ratio_mean``, ``length/masked_frac``, ``advantages/distinct_per_group``, the reward-hacking
+    monitors of `balcaprl.monitors` over the step's sampled captions of every process (``monitor/repeated_sentence``,
+    ``monitor/repeated_4gram``, ``monitor/distinct_1``, ``monitor/distinct_2``, ``monitor/length_words`` and, when the
+    rows have references, ``monitor/length_drift``), for SCST
     ``scst/baseline_reward``, and with judge rewards ``judge/requests``, ``judge/retries``, ``judge/failures``,
-    ``judge/cache_hits``, ``judge/bytes_sent`` (summed over processes, SCST's greedy-caption scoring included).
+    ``judge/cache_hits``, ``judge/bytes_sent``, ``judge/prompt_tokens``, ``judge/completion_tokens`` and, with
+    ``judge_price_per_million_tokens``, ``judge/cost`` (summed over processes, SCST's greedy-caption scoring included).
     Under c-GDPO, TRL's ``frac_reward_zero_std`` is replaced by the fraction of completions whose group has every
     reward constant. The processor it is given pads prompts on the left, as TRL sets on a processor it loads.
 
@@ -122,6 +128,7 @@ class BalCapGRPOTrainer(GRPOTrainer):
         rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         column = self.args.reference_column
         ratios = keep = None
+        texts = [completion_text(c) for c in completions]
         if self._masked_reward_columns or self._all_rows_have_references(inputs, column):
             if column not in inputs[0]:
                 raise ValueError(
@@ -129,13 +136,18 @@ class BalCapGRPOTrainer(GRPOTrainer):
                     f"{column!r} (reference_column), but the dataset rows have only {sorted(inputs[0])}. "
                     "Add the column, set reference_column, or set length_mask_rewards to []."
                 )
-            local_ratios = length_ratios(
-                [completion_text(c) for c in completions], [row[column] for row in inputs], self._length_fn
-            )
+            local_ratios = length_ratios(texts, [row[column] for row in inputs], self._length_fn)
             ratios = gather(local_ratios.to(rewards.device))
             keep = length_conditional_mask(ratios, *self.args.length_mask_window)
             rewards = apply_length_mask(rewards, keep, self._masked_reward_columns)
-        self._last_scored = {"rewards": rewards, "ratios": ratios, "keep": keep, "prompts": prompts}
+        self._last_scored = {
+            "rewards": rewards,
+            "ratios": ratios,
+            "keep": keep,
+            "prompts": prompts,
+            "texts": texts,
+            "references": [row.get(column) for row in inputs],
+        }
         return rewards
 
     def _all_rows_have_references(self, inputs, column: str) -> bool:
@@ -186,22 +198,47 @@ class BalCapGRPOTrainer(GRPOTrainer):
         if scored["ratios"] is not None:
             self._metrics[mode]["length/ratio_mean"].append(scored["ratios"].mean().item())
             self._metrics[mode]["length/masked_frac"].append((~scored["keep"]).double().mean().item())
+        self._log_monitors(mode, scored["texts"], scored["references"], with_references=scored["ratios"] is not None)
         return output
 
+    def _log_monitors(self, mode: str, texts: list[str], references: list, with_references: bool) -> None:
+        """The reward-hacking monitors of `balcaprl.monitors` over the step's captions, gathered from every process
+        (distinct-n needs the union of the captions, not a mean of per-process values)."""
+        reference_lengths = None
+        if with_references:  # every process's rows have references (the collective check of _calculate_rewards)
+            reference_lengths = [
+                sum(map(word_length, refs)) / len(refs)
+                for refs in ([r] if isinstance(r, str) else r for r in references)
+            ]
+        pairs = gather_object(list(zip(texts, reference_lengths or [None] * len(texts))))
+        all_texts = [text for text, _ in pairs]
+        all_lengths = [length for _, length in pairs] if with_references else None
+        for name, value in caption_monitors(all_texts, all_lengths).items():
+            self._metrics[mode][name].append(value)
+
     def _log_judge_metrics(self, mode: str) -> None:
-        """Adds the judge clients' request / retry / failure / cache-hit counts of this step, summed over processes."""
+        """Adds the judge clients' counts of this step (requests, ..., tokens), summed over processes, and
+        ``judge/cost``: each priced judge's summed tokens at its ``price_per_million_tokens``."""
         if not self._judges:
             return
         totals: dict[str, float] = defaultdict(float)
+        priced, priced_tokens = [], []  # every process has the same judges, in the same order
         for judge in self._judges:
-            for name, value in judge.pop_metrics().items():
+            metrics = judge.pop_metrics()
+            for name, value in metrics.items():
                 totals[name] += value
+            if getattr(judge, "price_per_million_tokens", None) is not None:
+                priced.append(judge.price_per_million_tokens)
+                priced_tokens += [metrics.get("judge/prompt_tokens", 0.0), metrics.get("judge/completion_tokens", 0.0)]
         names = sorted(totals)
-        summed = self.accelerator.reduce(
-            torch.tensor([totals[name] for name in names], device=self.accelerator.device), reduction="sum"
-        )
-        for name, value in zip(names, summed.tolist()):
+        local = [totals[name] for name in names] + priced_tokens
+        summed = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum").tolist()
+        for name, value in zip(names, summed):
             self._metrics[mode][name].append(value)
+        if priced:
+            tokens = summed[len(names) :]
+            cost = sum(token_cost(tokens[2 * k], tokens[2 * k + 1], price) for k, price in enumerate(priced))
+            self._metrics[mode]["judge/cost"].append(cost)
 
     def _greedy_baseline_rewards(self, inputs, prompts, num_generations: int) -> torch.Tensor:
         """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group.
