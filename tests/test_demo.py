@@ -61,6 +61,10 @@ def test_quick_demo_writes_the_report(quick_demo):
                    "| seed | step | precision | recall | linguistic | b-CapScore |",
                    "moving average over 2 steps"):  # fmt: skip
         assert needle in report
+    # the sample scenes are shown as the images the models saw, beside captions with their exact scores
+    assert '<img src="samples/scene_0.png"' in report and "(P " in report
+    with Image.open(tmp_path / "samples" / "scene_0.png") as image:
+        assert image.size == (168, 168)
     for plot in ("reward_curves.png", "before_after.png", "heldout_curve.png"):
         with Image.open(tmp_path / plot) as image:
             assert image.format == "PNG"
@@ -73,6 +77,10 @@ def test_quick_demo_writes_the_report(quick_demo):
     # every RL step is logged (the smoothed training curves' raw points), and the progress bar counted them all
     history = json.loads((tmp_path / "balcaprl_seed0" / "trainer_state.json").read_text())["log_history"]
     assert [log["step"] for log in history if "rewards/world_precision/mean" in log] == [1, 2, 3, 4]
+    # the reward-hacking monitors are logged beside the rewards, and the report's table has the held-out share
+    step_logs = [log for log in history if "loss" in log]
+    assert all("monitor/repeated_sentence" in log and "monitor/length_drift" in log for log in step_logs)
+    assert "| captions with a repeated sentence |" in report
     for seed in (0, 1):  # what the progress bar of `wait_for` counts: 4 steps per seed
         assert (tmp_path / f"balcaprl_seed{seed}.log").read_text().count("'loss'") * RL_LOGGING_STEPS == 4
 
@@ -106,6 +114,6 @@ def test_quick_demo_heldout_curve_is_scored_from_the_rl_checkpoints(quick_demo):
         for key in CURVE_METRICS:
             assert points[0][key] == pytest.approx(stage1[key], abs=1e-9), (seed, key)
             assert points[-1][key] == pytest.approx(final[key], abs=1e-9), (seed, key)
-    # RL moved the policy (lr 1e-3 in --quick), so the end points are different models: a curve that scored the
+    # RL moved the policy (lr 5e-3 in --quick), so the end points are different models: a curve that scored the
     # stage-1 model at every step would fail the last-point check above
     assert any(points[-1][key] != points[0][key] for points in curve["per_seed"].values() for key in CURVE_METRICS)

@@ -125,14 +125,15 @@ def test_judge_down_mid_run_saves_a_checkpoint_and_stops(tiny_models, tmp_path):
     try:
         rewards = judge_rewards(url, ["linguistic"])
         trainer = make_trainer(tiny_models["qwen2_5_vl"], tmp_path, [mentions_colour, *rewards], max_steps=8)
-        budget = JudgeFailureBudget(rewards, max_failure_rate=0.5, window=2)
+        budget = JudgeFailureBudget(rewards, max_failure_rate=0.6, window=2)
         trainer.add_callback(JudgeGoesDown(server, at_step=2))
         trainer.add_callback(budget)
         with pytest.raises(JudgeUnavailableError) as raised:
             trainer.train()
     finally:
         server.stop()
-    # Steps 3 and 4 scored nothing: the window [step 3, step 4] is 100 % failures > 50 %; [2, 3] was 50 %.
+    # Steps 3 and 4 scored nothing: the window [step 3, step 4] is 100 % failures > 60 %; [2, 3] was about 50 % (an
+    # empty caption asks the judge nothing, so the exact share depends on the tiny model's captions: 8/16 or 8/15).
     message = str(raised.value)
     assert "at step 4" in message and url in message and "checkpoint-4" in message
     assert trainer.state.global_step == 4

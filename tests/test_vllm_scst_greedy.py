@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trl.data_utils import prepare_multimodal_messages
 
 from tests import test_vllm_path
 from tests.helpers import greedy_caption_tokens, linguistic, make_trainer, mentions_colour, toy_dataset
@@ -21,8 +22,10 @@ def test_transformers_baseline_is_greedy_whatever_generation_kwargs_say(tiny_mod
         generation_kwargs=user_kwargs,
     )  # fmt: skip
     rows = [toy_dataset()[index] for index in range(2)]
-    prompts = [row["prompt"] for row in rows]
+    # with each row's image in its prompt, as TRL's _generate_and_score_completions puts it before generating
+    prompts = [prepare_multimodal_messages(row["prompt"], [row["image"]]) for row in rows]
     prompt_ids, images, multimodal_fields = trainer._tokenize_prompts(prompts)
+    assert all(image is not None for image in images)
 
     # The recipe's settings are live: TRL's sampling with them differs from seed to seed.
     sampled = []
@@ -48,7 +51,9 @@ def test_transformers_baseline_is_greedy_whatever_generation_kwargs_say(tiny_mod
     assert decodes[0] == decodes[1] == decodes[2]
     trainer.model.generate = generate
     trainer.model.eval()
-    reference, eos_ids = greedy_caption_tokens(trainer.model, trainer.processing_class, [r["image"] for r in rows], 8)
+    instruction = rows[0]["prompt"][0]["content"]  # the rows' own prompt ("Describe this image."), not the default
+    images = [r["image"] for r in rows]
+    reference, eos_ids = greedy_caption_tokens(trainer.model, trainer.processing_class, images, 8, instruction)
     for decoded, expected in zip(decodes[0], reference, strict=True):
         end = next((i + 1 for i, token in enumerate(expected) if token in eos_ids), len(expected))
         assert decoded == expected[:end]

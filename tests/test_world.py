@@ -204,6 +204,21 @@ class TestGrammar:
                 missing += not {f for f in scene.facts() if f.kind == "object"} <= set(parsed.claims)
         assert missing > 0  # some references leave out a whole object
 
+    def test_omission_kinds_limit_what_is_left_out(self):
+        config = WorldConfig(max_objects=2, omission_rate=1.0, omission_kinds=("object",), styles=("located",))
+        for scene in make_split("train", 100, seed=3, config=config):
+            objects = {f for f in scene.facts() if f.kind == "object"}
+            for reference in scene.references:
+                claims = set(parse_caption(reference).claims)
+                named = objects & claims
+                # a whole object is left out of every reference of a two-object scene; nothing else is ever left out
+                assert len(named) == (1 if len(scene.objects) == 2 else len(objects)), reference
+                for fact in scene.facts():
+                    if fact.kind in ("size", "position") and Fact("object", fact.subject) in named:
+                        assert fact in claims, (reference, fact)
+        with pytest.raises(ValueError, match="omission_kinds"):
+            WorldConfig(omission_kinds=("colour",))
+
     def test_omission_rate_is_respected(self):
         rng = random.Random(0)
         scene = Scene(TWO.objects)

@@ -34,6 +34,7 @@ import yaml
 
 from balcaprl.experiments.demo_report import plot_before_after, plot_heldout_curve, plot_reward_curves, write_report
 from balcaprl.length import DEFAULT_WINDOW, length_conditional_mask, length_ratios
+from balcaprl.monitors import caption_monitors
 from balcaprl.rewards.world import WORLD_REWARDS
 
 # The RL recipes log every RL_LOGGING_STEPS steps; the progress bar counts those log lines. Every step, so that the
@@ -43,29 +44,39 @@ RL_LOGGING_STEPS = 1
 
 @dataclass
 class DemoSettings:
-    """Sizes and budgets of the demo; the defaults are sized for 2 CPU cores (timings: docs/development.md)."""
+    """Sizes and budgets of the demo; the defaults are sized for 2 CPU cores (what limits the tiny model and why
+    these values: docs/demo.md, "Why these settings")."""
 
     output_dir: str = "runs/demo"
     seed: int = 0
     train_scenes: int = 3000
     test_scenes: int = 200
-    # model (see balcaprl.models.tiny.build_tiny_qwen2_5_vl)
+    # world: scenes of 1-2 objects, references in the two styles that state each object's size and region; as in
+    # human captions, more than half of them name only one object of a two-object scene: what RL should recover
+    # (balcaprl.world.WorldConfig)
+    max_objects: int = 2
+    reference_styles: tuple[str, ...] = ("located", "sentences")
+    omission_rate: float = 0.6
+    omission_kinds: tuple[str, ...] = ("object",)
+    # model (see balcaprl.models.tiny.build_tiny_qwen2_5_vl); 168 px = 36 image tokens, a shape spans 2-3 patches
     hidden_size: int = 128
     num_layers: int = 4
     vision_hidden_size: int = 64
-    image_size: int = 112
-    # stage 1
-    sft_steps: int = 360
+    vision_depth: int = 2
+    image_size: int = 168
+    # stage 1: data-parallel over `sft_processes` CPU processes (one core each), the global batch split between them
+    sft_steps: int = 620
     sft_batch_size: int = 32
     sft_learning_rate: float = 2e-3
-    sft_max_seconds: float = 170.0
+    sft_max_seconds: float = 185.0
+    sft_processes: int = 2
     # stage 2
     rl_seeds: tuple[int, ...] = (0, 1)
     rl_steps: int = 120
     rl_prompts_per_step: int = 2
     num_generations: int = 8
     max_completion_length: int = 40
-    rl_learning_rate: float = 5e-5
+    rl_learning_rate: float = 2e-4
     rl_max_seconds: float = 75.0
     advantage_estimator: str = "c_gdpo"
     reward_funcs: list = field(default_factory=lambda: list(WORLD_REWARDS))
@@ -82,6 +93,20 @@ class DemoSettings:
     # training curves: moving average over this many logged steps
     smoothing_window: int = 10
 
+    def world_config(self):
+        from balcaprl.world.splits import WorldConfig
+
+        return WorldConfig(
+            max_objects=self.max_objects,
+            styles=tuple(self.reference_styles),
+            omission_rate=self.omission_rate,
+            omission_kinds=tuple(self.omission_kinds),
+        )
+
+    def processes(self) -> int:
+        """Stage-1 processes: `sft_processes`, at most one per CPU core."""
+        return max(1, min(self.sft_processes, os.cpu_count() or 1))
+
 
 def _log(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -92,16 +117,22 @@ def prepare_world(settings: DemoSettings, root: Path) -> tuple[Path, Path, Path]
     from balcaprl.models.tiny import build_tiny_qwen2_5_vl
     from balcaprl.world.splits import make_split, world_corpus, write_jsonl
 
-    train = write_jsonl(make_split("train", settings.train_scenes, seed=settings.seed), root / "data" / "train")
-    test = write_jsonl(make_split("test", settings.test_scenes, seed=settings.seed), root / "data" / "test")
+    world = settings.world_config()
+    train = write_jsonl(
+        make_split("train", settings.train_scenes, settings.seed, world), root / "data" / "train", settings.image_size
+    )
+    test = write_jsonl(
+        make_split("test", settings.test_scenes, settings.seed, world), root / "data" / "test", settings.image_size
+    )
     model = build_tiny_qwen2_5_vl(
         root / "base_model",
         hidden_size=settings.hidden_size,
         num_layers=settings.num_layers,
         vision_hidden_size=settings.vision_hidden_size,
+        vision_depth=settings.vision_depth,
         image_size=settings.image_size,
         corpus=world_corpus(seed=settings.seed),
-        vocab_size=400,
+        vocab_size=512,
         seed=settings.seed,
     )
     return train, test, model
@@ -116,7 +147,7 @@ def sft_recipe(settings: DemoSettings, train: Path, model: Path, output_dir: Pat
         "bf16": False,
         "gradient_checkpointing": False,
         "use_peft": False,
-        "per_device_train_batch_size": settings.sft_batch_size,
+        "per_device_train_batch_size": settings.sft_batch_size // settings.processes(),
         "learning_rate": settings.sft_learning_rate,
         "lr_scheduler_type": "cosine",
         "warmup_steps": 10,
@@ -186,16 +217,20 @@ def write_recipe(path: Path, recipe: dict[str, Any], comment: str) -> Path:
     return path
 
 
-def run_entry_point(module: str, recipe: Path, log_file: Path | None = None) -> subprocess.Popen:
-    """``python -m balcaprl.<module> --config RECIPE`` in a child process (the path a user's launch takes)."""
+def run_entry_point(module: str, recipe: Path, log_file: Path | None = None, processes: int = 1) -> subprocess.Popen:
+    """``python -m balcaprl.<module> --config RECIPE`` in a child process (the path a user's launch takes); with
+    ``processes`` > 1 under ``accelerate launch``, data-parallel on CPU (gloo), as `tests/test_launch.py` runs it."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     output = open(log_file, "w") if log_file is not None else None  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [sys.executable, "-m", f"balcaprl.{module}", "--config", str(recipe)],
-        env=env,
-        stdout=output,
-        stderr=subprocess.STDOUT if output else None,
-    )
+    command = [sys.executable, "-m", f"balcaprl.{module}", "--config", str(recipe)]
+    if processes > 1:
+        # --multi_gpu with use_cpu: true gives N gloo processes (`--cpu --num_processes N` silently starts one)
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+            *command[1:],
+        ]  # fmt: skip
+    return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT if output else None)
 
 
 def wait_for(
@@ -251,8 +286,11 @@ def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], 
 
     scenes = score_scenes(model_path, rows, corpus, batch_size)
     means = {name: statistics.fmean(scenes[name]) for name in ("precision", "recall", "linguistic")}
+    monitors = caption_monitors(scenes["captions"])
     return {
         **means,
+        "repeated_sentence": monitors["monitor/repeated_sentence"],
+        "distinct_2": monitors["monitor/distinct_2"],
         "b_capscore": harmonic_mean([means["precision"], means["recall"], means["linguistic"]]),
         "cider_d": statistics.fmean(scenes["cider_d"]),
         "length_ratio": float(torch.tensor(scenes["length_ratio"], dtype=torch.float64).mean()),
@@ -262,7 +300,7 @@ def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], 
 
 
 # The scores a held-out curve point keeps (evaluate_model's means; its captions are not kept).
-CURVE_METRICS = ("precision", "recall", "linguistic", "b_capscore", "cider_d", "length_ratio")
+CURVE_METRICS = ("precision", "recall", "linguistic", "b_capscore", "cider_d", "length_ratio", "repeated_sentence")
 
 
 def run_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -335,13 +373,16 @@ def run_demo(settings: DemoSettings) -> Path:
     train, test, base_model = prepare_world(settings, root)
     timings["data + model"] = time.monotonic() - started
 
-    _log(f"2/5 stage 1: cross-entropy on the references ({settings.sft_steps} steps max)")
+    _log(
+        f"2/5 stage 1: cross-entropy on the references ({settings.sft_steps} steps max, "
+        f"{settings.processes()} processes)"
+    )
     stage_start = time.monotonic()
     sft_dir = root / "sft"
     recipe = write_recipe(
         root / "recipes" / "sft.yaml", sft_recipe(settings, train, base_model, sft_dir), "demo stage 1"
     )
-    if run_entry_point("sft", recipe).wait() != 0:
+    if run_entry_point("sft", recipe, processes=settings.processes()).wait() != 0:
         raise RuntimeError(f"Stage 1 failed; run `python -m balcaprl.sft --config {recipe}` to see why.")
     timings["stage 1 (SFT)"] = time.monotonic() - stage_start
 
@@ -369,6 +410,7 @@ def run_demo(settings: DemoSettings) -> Path:
         "sft": evaluate_model(sft_dir, test_rows, corpus, settings.eval_batch_size),
         "rl": {seed: evaluate_model(d, test_rows, corpus, settings.eval_batch_size) for seed, d in run_dirs.items()},
         "test_references": [row["references"] for row in test_rows],
+        "samples": [{"image": row["image"], "scene": row["scene"]} for row in test_rows[: settings.samples_in_report]],
     }
     timings["evaluation"] = time.monotonic() - stage_start
     stage_start = time.monotonic()
@@ -414,11 +456,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = DemoSettings(output_dir=args.output_dir, seed=args.seed)
     if args.quick:
-        # 40 stage-1 steps: enough for captions in the world's words (nonzero rewards, so RL has a signal and its
-        # checkpoints differ), and shorter ones than a random model's, which makes the evaluations faster
+        # 80 stage-1 steps of 16: enough for captions in the world's grammar (nonzero rewards, so RL has a signal and
+        # its checkpoints differ; 40 steps of 8 gave all-zero rewards, no gradient), and shorter captions than a random
+        # model's, which makes the evaluations faster
         settings = DemoSettings(
-            output_dir=args.output_dir, seed=args.seed, train_scenes=64, test_scenes=16, sft_steps=40,
-            sft_batch_size=8, rl_steps=4, rl_learning_rate=1e-3, rl_seeds=(0, 1), eval_batch_size=16,
+            output_dir=args.output_dir, seed=args.seed, train_scenes=64, test_scenes=16, sft_steps=80,
+            sft_batch_size=16, rl_steps=4, rl_learning_rate=1e-3, rl_seeds=(0, 1), eval_batch_size=16,
             samples_in_report=2, curve_scenes=8, smoothing_window=2,
         )  # fmt: skip
     run_demo(settings)

@@ -28,7 +28,14 @@ METRICS = [
     ("cider_d", "CIDEr-D"),
     ("length_ratio", "mean length ratio"),
     ("masked_fraction", f"outside {WINDOW_TEXT}"),
+    ("repeated_sentence", "captions with a repeated sentence"),
+    ("distinct_2", "distinct-2 (all captions)"),
 ]
+
+
+# Panels of the training curves besides the rewards: the length mask's share and the reward-hacking monitors
+# (balcaprl.monitors), each a per-step value of the sampled captions.
+MONITOR_PANELS = ("length/masked_frac", "monitor/repeated_sentence", "monitor/distinct_2", "monitor/length_drift")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -61,10 +68,17 @@ def plot_reward_curves(run_dirs: dict[int, Path], path: Path, window: int = 10) 
         seed: json.loads((d / "trainer_state.json").read_text())["log_history"] for seed, d in run_dirs.items()
     }
     names = sorted({key for logs in histories.values() for log in logs for key in log if key.startswith("rewards/")})
-    names = [name for name in names if name.endswith("/mean")] + ["length/masked_frac"]
-    figure, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    rewards = [name for name in names if name.endswith("/mean")]
+    logged = {key for logs in histories.values() for log in logs for key in log}
+    monitors = [name for name in MONITOR_PANELS if name in logged]
+    columns = max(len(rewards), len(monitors), 1)
+    figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 6.4), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, name in zip(axes, names):
+    for axis in axes.flat[len(rewards) : columns]:
+        axis.set_visible(False)
+    for axis in axes[1][len(monitors) :]:
+        axis.set_visible(False)
+    for axis, name in [*zip(axes[0], rewards), *zip(axes[1], monitors)]:
         for index, (seed, logs) in enumerate(histories.items()):
             points = [(log["step"], log[name]) for log in logs if log.get(name) is not None]
             if not points:
@@ -76,8 +90,11 @@ def plot_reward_curves(run_dirs: dict[int, Path], path: Path, window: int = 10) 
         axis.set_title(name.removeprefix("rewards/").removesuffix("/mean"))
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.suptitle(f"training rewards: mean of each step's samples (faint), moving average over {window} steps")
+    axes[0][0].legend()
+    figure.suptitle(
+        f"training rewards (top) and monitors (bottom): each step's samples (faint), moving average over {window} "
+        "steps"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -96,15 +113,18 @@ def plot_heldout_curve(curves: dict[int, list[dict[str, Any]]], path: Path, scen
         ("recall", "recall"),
         ("linguistic", "linguistic"),
         ("b_capscore", "b-CapScore"),
+        ("repeated_sentence", "captions with a repeated sentence"),
+        ("length_ratio", "mean length ratio"),
     ]
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
-    for axis, (key, label) in zip(axes, keys):
+    figure, axes = plt.subplots(2, 3, figsize=(12, 6.4))
+    for axis, (key, label) in zip(axes.flat, keys):
         for seed, points in curves.items():
-            axis.plot([p["step"] for p in points], [p[key] for p in points], marker="o", label=f"seed {seed}")
+            steps = [p["step"] for p in points if key in p]
+            axis.plot(steps, [p[key] for p in points if key in p], marker="o", label=f"seed {seed}")
         axis.set_title(label)
         axis.set_xlabel("RL step (0 = stage 1)")
         axis.grid(alpha=0.3)
-    axes[-1].legend()
+    axes[0][-1].legend()
     figure.suptitle(f"held-out scores during RL: greedy captions on {scenes} fixed held-out scenes")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -165,6 +185,42 @@ def _heldout_lines(settings: DemoSettings, curve: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _sample_lines(root: Path, settings: DemoSettings, results: dict[str, Any]) -> list[str]:
+    """Sample scenes: the image the model saw (copied next to the report), the reference, the stage-1 and RL
+    captions, each with its exact scores, so that a reader can check the captions against the picture."""
+    from balcaprl.rewards.world import score_caption
+
+    first_seed = settings.rl_seeds[0]
+    (root / "samples").mkdir(exist_ok=True)
+    lines = [
+        "## Sample captions (held-out scenes)",
+        "",
+        f"Each image is the scene the models saw ({settings.image_size} px, shown enlarged); the reference is one of "
+        "the scene's human-style references, which may omit things. P / R / L: the caption's exact precision, "
+        "recall and linguistic scores against the whole scene.",
+        "",
+    ]
+    for index, sample in enumerate(results.get("samples", [])):
+        copy = root / "samples" / f"scene_{index}.png"
+        sample["image"].save(copy)  # the PIL image of the held-out row, as the model saw it (PNG is lossless)
+
+        def scored(caption: str, scene: dict = sample["scene"]) -> str:
+            scores = score_caption(caption, scene)
+            return f"“{caption}” (P {scores['precision']:.2f}, R {scores['recall']:.2f}, L {scores['linguistic']:.2f})"
+
+        lines += [
+            f"**Scene {index}**",
+            "",
+            f'<img src="samples/{copy.name}" width="{2 * settings.image_size}" alt="held-out scene {index}">',
+            "",
+            f"- reference: “{results['test_references'][index][0]}”",
+            f"- stage 1: {scored(results['sft']['captions'][index])}",
+            f"- BalCapRL (seed {first_seed}): {scored(results['rl'][first_seed]['captions'][index])}",
+            "",
+        ]
+    return lines
+
+
 def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], timings: dict[str, float]) -> Path:
     before, after = results["sft"], [results["rl"][seed] for seed in settings.rl_seeds]
     lines = [
@@ -209,17 +265,8 @@ def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], ti
         "",
         "![reward curves](reward_curves.png)",
         "",
-        "## Sample captions (held-out scenes)",
-        "",
+        *_sample_lines(root, settings, results),
     ]
-    first_seed = settings.rl_seeds[0]
-    for index in range(min(settings.samples_in_report, len(results["test_references"]))):
-        lines += [
-            f"**Scene {index}** — reference: “{results['test_references'][index][0]}”",
-            f"- stage 1: “{before['captions'][index]}”",
-            f"- BalCapRL (seed {first_seed}): “{results['rl'][first_seed]['captions'][index]}”",
-            "",
-        ]
     lines += [
         "## Timings",
         "",

@@ -275,7 +275,7 @@ def run_reproduce(settings: ReproduceSettings) -> Path:
     recipe = sft_recipe(settings.base, train, base_model, sft_dir)
     recipe.pop("max_train_seconds", None)
     recipe_path = write_recipe(root / "recipes" / "sft.yaml", recipe, "reproduce: stage 1")
-    if run_entry_point("sft", recipe_path, root / "logs" / "sft.log").wait() != 0:
+    if run_entry_point("sft", recipe_path, root / "logs" / "sft.log", settings.base.processes()).wait() != 0:
         raise RuntimeError(f"Stage 1 failed; see {root / 'logs' / 'sft.log'}.")
     stage1_seconds = time.monotonic() - started
     for rows, name in ((test, EVALUATION_FILE), (validation, VALIDATION_FILE)):  # the sweep's table starts at stage 1

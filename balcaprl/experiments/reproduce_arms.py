@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,5 +149,6 @@ def quick_settings(output_dir: str) -> ReproduceSettings:
 def settings_from_dict(document: dict[str, Any]) -> ReproduceSettings:
     """The settings a run recorded in its summary (JSON lists back to tuples)."""
     tuples = {key: tuple(value) for key, value in document.items() if isinstance(value, list)}
-    base = DemoSettings(**{k: tuple(v) if k == "rl_seeds" else v for k, v in document["base"].items()})
+    tuple_fields = {item.name for item in dataclasses.fields(DemoSettings) if isinstance(item.default, tuple)}
+    base = DemoSettings(**{k: tuple(v) if k in tuple_fields else v for k, v in document["base"].items()})
     return ReproduceSettings(**{**document, **tuples, "base": base})

@@ -27,6 +27,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from balcaprl.data.constants import DEFAULT_INSTRUCTION
 from balcaprl.models.image_only import ImageOnlyQwen2_5_VLProcessor
 
 FAMILIES = ("qwen2_5_vl", "llava")
@@ -133,10 +134,23 @@ def caption_corpus(num_sentences: int = 2000, seed: int = 0) -> list[str]:
     return sentences
 
 
+# The fixed text a chat-formatted caption prompt carries besides the caption: role names, Qwen's default system
+# prompt and the default instruction. A real tokenizer encodes it in a few tokens; a BPE trained on captions alone
+# spells it out letter by letter (72 prompt tokens instead of 27 for the demo's Qwen2.5-VL, more than the image's 16),
+# which made every forward pass of the tiny models several times longer than the captions need.
+CHAT_TEXTS = ("system\nYou are a helpful assistant.", "user\n", "assistant\n", "USER: ", " ASSISTANT:")
+
+
 def train_tokenizer(
     corpus: list[str], special_tokens: list[str], vocab_size: int = 512, chat_template: str | None = None
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on ``corpus`` locally and wrap it as a `PreTrainedTokenizerFast`."""
+    """Train a byte-level BPE on ``corpus`` locally and wrap it as a `PreTrainedTokenizerFast`.
+
+    The chat template's fixed text (`CHAT_TEXTS`) and the default instruction are added to the corpus, often enough
+    (one copy per 10 corpus lines) that BPE merges their words whole.
+    """
+    copies = max(1, len(corpus) // 10)
+    corpus = [*corpus, *[text for text in (*CHAT_TEXTS, DEFAULT_INSTRUCTION) for _ in range(copies)]]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -190,12 +204,16 @@ def build_tiny_qwen2_5_vl(
     hidden_size: int = 64,
     num_layers: int = 2,
     vision_hidden_size: int = 32,
+    vision_depth: int = 2,
     image_size: int = 56,
     vocab_size: int = 512,
     corpus: list[str] | None = None,
     seed: int = 0,
 ) -> Path:
     """Build a random tiny Qwen2.5-VL with its processor and save both to ``output_dir``.
+
+    As in the real models, the last vision block attends over the whole image and the others inside 112-pixel
+    windows (Qwen2.5-VL-7B: blocks 7, 15, 23 and 31 of 32 attend fully).
 
     ``image_size`` is the square side images are resized to (a multiple of 28): 56 px gives 4 image tokens.
     """
@@ -232,7 +250,7 @@ def build_tiny_qwen2_5_vl(
             "pad_token_id": tokenizer.pad_token_id,
         },
         vision_config={
-            "depth": 2,
+            "depth": vision_depth,
             "hidden_size": vision_hidden_size,
             "intermediate_size": vision_hidden_size * 2,
             "num_heads": 2,
@@ -240,8 +258,10 @@ def build_tiny_qwen2_5_vl(
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
-            "window_size": 56,
-            "fullatt_block_indexes": [num_layers - 1] if num_layers > 1 else [0],
+            "window_size": 112,
+            # Indexes of vision blocks: with the text depth here (a past mistake), a 2-block tower attended only
+            # inside windows, and every object of the shapes world straddles a window border.
+            "fullatt_block_indexes": [vision_depth - 1],
         },
         image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
         video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),

@@ -61,7 +61,16 @@ def _sentences(clauses: list[str], lowercase: bool = False) -> str:
     return " ".join((clause if lowercase else clause[0].upper() + clause[1:]) + "." for clause in clauses)
 
 
-def describe(scene: Scene, style: str = "full", rng: random.Random | None = None, omit: bool = False) -> str:
+OMISSION_KINDS = ("object", "size", "position")
+
+
+def describe(
+    scene: Scene,
+    style: str = "full",
+    rng: random.Random | None = None,
+    omit: bool = False,
+    omission_kinds: Sequence[str] = OMISSION_KINDS,
+) -> str:
     """A caption of ``scene`` in one of `STYLES`; every claim it makes is true.
 
     - ``terse``: the objects with their sizes, one sentence ("a small red circle and a large blue square.");
@@ -70,7 +79,8 @@ def describe(scene: Scene, style: str = "full", rng: random.Random | None = None
     - ``relational``: objects with sizes, chained by one relation per consecutive pair (no regions);
     - ``full``: the count, every object with size and region, and every relation — all of `Scene.facts`.
 
-    ``omit`` leaves out one object (with its relations), one size or one region that the style would state.
+    ``omit`` leaves out one object (with its relations), one size or one region that the style would state, of the
+    kinds in ``omission_kinds`` (nothing when the caption has none of them, e.g. an object of a one-object scene).
     """
     if style not in STYLES:
         raise ValueError(f"Unknown caption style {style!r}; choose one of {list(STYLES)}.")
@@ -80,9 +90,12 @@ def describe(scene: Scene, style: str = "full", rng: random.Random | None = None
     sized = {obj.name for obj in objects}
     shows_place = style in ("located", "sentences", "full") or (style == "relational" and len(objects) == 1)
     placed = {obj.name for obj in objects} if shows_place else set()
+    choices = []
     if omit:
         choices = [("object", obj.name) for obj in objects] if len(objects) > 1 else []
         choices += [("size", name) for name in sorted(sized)] + [("position", name) for name in sorted(placed)]
+        choices = [(kind, name) for kind, name in choices if kind in omission_kinds]
+    if choices:
         kind, name = rng.choice(choices)
         if kind == "object":
             objects = [obj for obj in objects if obj.name != name]

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from balcaprl.world.captions import describe
+from balcaprl.world.captions import OMISSION_KINDS, describe
 from balcaprl.world.scene import (
     COLOURS,
     HELD_OUT_SHARE,
@@ -43,6 +43,8 @@ class WorldConfig:
         min_references, max_references: references per scene, drawn uniformly.
         omission_rate: probability that a reference leaves out one object, one size or one position it would
             otherwise state — as human captions do; the exact rewards still see the whole scene.
+        omission_kinds: what an omission may leave out, a subset of ("object", "size", "position"); with
+            ("object",) an omitting reference of a one-object scene leaves nothing out.
         styles: reference styles to draw from (each scene uses distinct styles while it can); see `describe`.
         jitter: maximum offset of a shape inside its region, as a fraction of the image side (≤ 0.02).
     """
@@ -52,6 +54,7 @@ class WorldConfig:
     min_references: int = 3
     max_references: int = 5
     omission_rate: float = 0.25
+    omission_kinds: tuple[str, ...] = OMISSION_KINDS
     styles: tuple[str, ...] = STYLES
     jitter: float = MAX_JITTER
 
@@ -62,6 +65,8 @@ class WorldConfig:
             raise ValueError(f"Need 1 <= min_references <= max_references, got {self}.")
         if not 0.0 <= self.omission_rate <= 1.0:
             raise ValueError(f"omission_rate must lie in [0, 1], got {self.omission_rate}.")
+        if not self.omission_kinds or set(self.omission_kinds) - set(OMISSION_KINDS):
+            raise ValueError(f"omission_kinds must be a non-empty subset of {list(OMISSION_KINDS)}, got {self}.")
         unknown = [style for style in self.styles if style not in STYLES]
         if unknown or not self.styles:
             raise ValueError(f"Unknown reference styles {unknown} (or none given); choose from {list(STYLES)}.")
@@ -96,7 +101,10 @@ def reference_captions(scene: Scene, rng: random.Random, config: WorldConfig | N
     styles: list[str] = []
     while len(styles) < count:
         styles += rng.sample(config.styles, len(config.styles))
-    return tuple(describe(scene, style, rng, omit=rng.random() < config.omission_rate) for style in styles[:count])
+    return tuple(
+        describe(scene, style, rng, omit=rng.random() < config.omission_rate, omission_kinds=config.omission_kinds)
+        for style in styles[:count]
+    )
 
 
 def generate_scene(rng: random.Random, config: WorldConfig | None = None) -> Scene:
