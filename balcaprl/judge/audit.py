@@ -91,19 +91,13 @@ class JudgeAuditError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------- statistics
+# scipy (spearmanr, rankdata) is not a dependency of the package; these few lines of numpy are all the audit needs.
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Ranks 1..n, ties given the mean of the ranks they span (as ``scipy.stats.rankdata``)."""
-    order = np.argsort(values, kind="mergesort")
     ranks = np.empty(len(values), dtype=float)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    return ranks
+    ranks[np.argsort(values, kind="mergesort")] = np.arange(1, len(values) + 1)
+    _, tie_group = np.unique(values, return_inverse=True)
+    return (np.bincount(tie_group, weights=ranks) / np.bincount(tie_group))[tie_group]
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:

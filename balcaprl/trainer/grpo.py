@@ -218,27 +218,24 @@ class BalCapGRPOTrainer(GRPOTrainer):
 
     def _log_judge_metrics(self, mode: str) -> None:
         """Adds the judge clients' counts of this step (requests, ..., tokens), summed over processes, and
-        ``judge/cost``: each priced judge's summed tokens at its ``price_per_million_tokens``."""
+        ``judge/cost``: each priced judge's tokens at its ``price_per_million_tokens`` (cost is linear in the tokens,
+        so the sum of the processes' costs is the cost of the summed tokens)."""
         if not self._judges:
             return
         totals: dict[str, float] = defaultdict(float)
-        priced, priced_tokens = [], []  # every process has the same judges, in the same order
         for judge in self._judges:
             metrics = judge.pop_metrics()
             for name, value in metrics.items():
                 totals[name] += value
-            if getattr(judge, "price_per_million_tokens", None) is not None:
-                priced.append(judge.price_per_million_tokens)
-                priced_tokens += [metrics.get("judge/prompt_tokens", 0.0), metrics.get("judge/completion_tokens", 0.0)]
-        names = sorted(totals)
-        local = [totals[name] for name in names] + priced_tokens
-        summed = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), reduction="sum").tolist()
-        for name, value in zip(names, summed):
+            price = getattr(judge, "price_per_million_tokens", None)
+            if price is not None:
+                tokens = metrics.get("judge/prompt_tokens", 0.0), metrics.get("judge/completion_tokens", 0.0)
+                totals["judge/cost"] += token_cost(*tokens, price)
+        names = sorted(totals)  # every process has the same judges, so the same names
+        # float64: token counts stay exact far beyond float32's 2**24 per step
+        local = torch.tensor([totals[name] for name in names], dtype=torch.float64, device=self.accelerator.device)
+        for name, value in zip(names, self.accelerator.reduce(local, reduction="sum").tolist()):
             self._metrics[mode][name].append(value)
-        if priced:
-            tokens = summed[len(names) :]
-            cost = sum(token_cost(tokens[2 * k], tokens[2 * k + 1], price) for k, price in enumerate(priced))
-            self._metrics[mode]["judge/cost"].append(cost)
 
     def _greedy_baseline_rewards(self, inputs, prompts, num_generations: int) -> torch.Tensor:
         """SCST baseline: rewards (gathered, masked) of one greedy caption per prompt, repeated over its group.
