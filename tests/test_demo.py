@@ -38,6 +38,20 @@ def test_smooth_is_a_trailing_moving_average():
         smooth([1.0], 0)
 
 
+def test_objects_named_counts_distinct_objects_and_those_in_the_scene():
+    from balcaprl.experiments.demo import objects_named
+    from balcaprl.world.scene import Scene, WorldObject
+
+    scene = Scene((WorldObject("circle", "red", "small", "left"), WorldObject("square", "blue", "large", "right")))
+    graph = scene.to_dict()
+    assert objects_named("a small red circle.", graph) == (1, 1)
+    assert objects_named("a small red circle and a large blue square.", graph) == (2, 2)
+    assert objects_named("a small red circle and a large blue circle.", graph) == (2, 1)  # the second is wrong
+    assert objects_named("a small red circle and a small red circle.", graph) == (1, 1)  # a repeat is one object
+    assert objects_named("There is a large green triangle.", graph) == (1, 0)
+    assert objects_named("", graph) == (0, 0)
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     """One `balcaprl demo --quick` run (stage 1, 2 RL seeds of 4 steps, evaluations), shared by the tests below."""
@@ -59,7 +73,8 @@ def test_quick_demo_writes_the_report(quick_demo):
     for needle in ("| b-CapScore |", "| CIDEr-D |", "| mean length ratio |", "b-CapScore gain of the RL stage",
                    "## Sample captions", "reward_curves.png", "## Held-out scores during RL", "heldout_curve.png",
                    "| seed | step | precision | recall | linguistic | b-CapScore |",
-                   "moving average over 2 steps"):  # fmt: skip
+                   "moving average over 2 steps", "| objects named per caption |",
+                   "| objects named rightly per caption |", "World: 2 objects per scene"):  # fmt: skip
         assert needle in report
     # the sample scenes are shown as the images the models saw, beside captions with their exact scores
     assert '<img src="samples/scene_0.png"' in report and "(P " in report
@@ -80,7 +95,7 @@ def test_quick_demo_writes_the_report(quick_demo):
     # the reward-hacking monitors are logged beside the rewards, and the report's table has the held-out share
     step_logs = [log for log in history if "loss" in log]
     assert all("monitor/repeated_sentence" in log and "monitor/length_drift" in log for log in step_logs)
-    assert "| captions with a repeated sentence |" in report
+    assert "| captions with a repeated sentence |" in report and "| repeated 4-grams (seq-rep-4) |" in report
     for seed in (0, 1):  # what the progress bar of `wait_for` counts: 4 steps per seed
         assert (tmp_path / f"balcaprl_seed{seed}.log").read_text().count("'loss'") * RL_LOGGING_STEPS == 4
 

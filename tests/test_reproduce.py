@@ -38,10 +38,12 @@ def recipe_of(arm: str, tmp_path: Path, lr: float | None = None) -> dict:
 
 def test_arms_differ_only_in_what_they_isolate(tmp_path):
     recipes = {arm.name: recipe_of(arm.name, tmp_path) for arm in ARMS}
+    base = full_settings(str(tmp_path)).base  # every arm has the demo's RL budget: 60 steps of 4 prompts
+    assert (base.rl_steps, base.rl_prompts_per_step) == (60, 4)
     for recipe in recipes.values():
         assert "max_train_seconds" not in recipe  # step budgets only: the same numbers on a busy machine
-        assert recipe["max_steps"] == 120 and recipe["logging_steps"] == 1
-        assert recipe["per_device_train_batch_size"] == recipe["num_generations"] * 2  # 2 prompts per step
+        assert recipe["max_steps"] == 60 and recipe["logging_steps"] == 1
+        assert recipe["per_device_train_batch_size"] == recipe["num_generations"] * 4  # 4 prompts per step
 
     def differences(first: str, second: str) -> dict:
         a, b = recipes[first], recipes[second]
@@ -70,7 +72,7 @@ def test_arm_recipes_parse_with_the_training_parser(arm, tmp_path):
     path = tmp_path / f"{arm}.yaml"
     path.write_text(yaml.safe_dump(recipe_of(arm, tmp_path)))
     _, _, config, _ = parse_config(RL_CONFIG_TYPES, ["--config", str(path)])
-    assert config.max_steps == 120 and config.max_train_seconds is None
+    assert config.max_steps == 60 and config.max_train_seconds is None
     loss_types = {"scst": "grpo", "grpo_paper": "grpo", "grpo_beta0": "grpo", "grpo_dapo": "dapo"}
     if arm in loss_types:  # the CIDEr-D arms set it; the others keep the trainer's default
         assert config.loss_type == loss_types[arm]

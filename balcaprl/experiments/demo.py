@@ -51,33 +51,34 @@ class DemoSettings:
     seed: int = 0
     train_scenes: int = 3000
     test_scenes: int = 200
-    # world: scenes of 1-2 objects, references in the two styles that state each object's size and region; as in
-    # human captions, more than half of them name only one object of a two-object scene: what RL should recover
-    # (balcaprl.world.WorldConfig)
+    # world: two objects per scene, references that name each object with its size ("a small red circle and a
+    # large blue square."); as in human captions, half of them name only one of the two objects: what RL should
+    # recover, since the exact rewards see the whole scene (balcaprl.world.WorldConfig)
+    min_objects: int = 2
     max_objects: int = 2
-    reference_styles: tuple[str, ...] = ("located", "sentences")
-    omission_rate: float = 0.6
+    reference_styles: tuple[str, ...] = ("terse",)
+    omission_rate: float = 0.5
     omission_kinds: tuple[str, ...] = ("object",)
     # model (see balcaprl.models.tiny.build_tiny_qwen2_5_vl); 168 px = 36 image tokens, a shape spans 2-3 patches
     hidden_size: int = 128
     num_layers: int = 4
-    vision_hidden_size: int = 64
+    vision_hidden_size: int = 128
     vision_depth: int = 2
     image_size: int = 168
     # stage 1: data-parallel over `sft_processes` CPU processes (one core each), the global batch split between them
-    sft_steps: int = 620
+    sft_steps: int = 750
     sft_batch_size: int = 32
     sft_learning_rate: float = 2e-3
-    sft_max_seconds: float = 185.0
+    sft_max_seconds: float = 190.0
     sft_processes: int = 2
     # stage 2
     rl_seeds: tuple[int, ...] = (0, 1)
-    rl_steps: int = 120
-    rl_prompts_per_step: int = 2
+    rl_steps: int = 60
+    rl_prompts_per_step: int = 4
     num_generations: int = 8
     max_completion_length: int = 40
-    rl_learning_rate: float = 2e-4
-    rl_max_seconds: float = 75.0
+    rl_learning_rate: float = 1e-4
+    rl_max_seconds: float = 60.0
     advantage_estimator: str = "c_gdpo"
     reward_funcs: list = field(default_factory=lambda: list(WORLD_REWARDS))
     length_mask_rewards: list = field(default_factory=lambda: ["world_linguistic"])
@@ -85,8 +86,8 @@ class DemoSettings:
     eval_batch_size: int = 50
     samples_in_report: int = 6
     # held-out curve during RL: the stage-1 model (step 0) and `curve_points` evenly spaced checkpoints of every seed
-    # (the last one is the final model), scored on the first `curve_scenes` held-out scenes. Six (every 20 steps) so
-    # that a run the time cap stops early (about step 75 on a busy 2-core machine) still has four points after step 0.
+    # (the last one is the final model), scored on the first `curve_scenes` held-out scenes. Six (every 10 steps) so
+    # that a run the time cap stops early still has points after step 0; RL's main move comes within the first 10.
     curve_points: int = 6
     curve_scenes: int = 48
     keep_checkpoints: bool = False
@@ -97,6 +98,7 @@ class DemoSettings:
         from balcaprl.world.splits import WorldConfig
 
         return WorldConfig(
+            min_objects=self.min_objects,
             max_objects=self.max_objects,
             styles=tuple(self.reference_styles),
             omission_rate=self.omission_rate,
@@ -255,9 +257,20 @@ def wait_for(
         raise RuntimeError(f"RL runs failed: {failed}\n{details}")
 
 
+def objects_named(caption: str, scene: dict[str, Any]) -> tuple[int, int]:
+    """(objects the caption names, of which truly in the scene): its distinct object claims under the world's grammar
+    ("a small red circle and a small red circle." names one object)."""
+    from balcaprl.world.captions import parse_caption
+    from balcaprl.world.scene import Scene
+
+    facts = Scene.from_dict(scene).facts()
+    named = [claim for claim in parse_caption(caption).claims if claim.kind == "object"]
+    return len(named), sum(1 for claim in named if claim in facts)
+
+
 def score_scenes(model_path: Path, rows: list[dict], corpus: list[list[str]], batch_size: int) -> dict[str, list]:
-    """Greedy captions on ``rows`` and, per scene, the exact scores, CIDEr-D, the length ratio and whether it is
-    outside the length window (1.0) or not (0.0)."""
+    """Greedy captions on ``rows`` and, per scene, the exact scores, the objects named (and of them, rightly),
+    CIDEr-D, the length ratio and whether it is outside the length window (1.0) or not (0.0)."""
     from balcaprl.generation import generate_captions, load_for_generation
     from balcaprl.rewards import CiderD
     from balcaprl.rewards.world import score_caption
@@ -266,12 +279,15 @@ def score_scenes(model_path: Path, rows: list[dict], corpus: list[list[str]], ba
     captions = generate_captions(model, processor, [row["image"] for row in rows], batch_size=batch_size)
     references = [row["references"] for row in rows]
     scores = [score_caption(caption, row["scene"]) for caption, row in zip(captions, rows)]
+    named = [objects_named(caption, row["scene"]) for caption, row in zip(captions, rows)]
     ratios = length_ratios(captions, references)
     return {
         "captions": captions,
         "precision": [score["precision"] for score in scores],
         "recall": [score["recall"] for score in scores],
         "linguistic": [score["linguistic"] for score in scores],
+        "objects_named": [float(count) for count, _ in named],
+        "objects_right": [float(right) for _, right in named],
         "cider_d": [float(value) for value in CiderD(corpus).score(captions, references)],
         "length_ratio": ratios.tolist(),
         "outside_window": (~length_conditional_mask(ratios)).double().tolist(),
@@ -285,11 +301,15 @@ def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], 
     from balcaprl.evaluate.balcap import harmonic_mean
 
     scenes = score_scenes(model_path, rows, corpus, batch_size)
-    means = {name: statistics.fmean(scenes[name]) for name in ("precision", "recall", "linguistic")}
+    means = {
+        name: statistics.fmean(scenes[name])
+        for name in ("precision", "recall", "linguistic", "objects_named", "objects_right")
+    }
     monitors = caption_monitors(scenes["captions"])
     return {
         **means,
         "repeated_sentence": monitors["monitor/repeated_sentence"],
+        "repeated_4gram": monitors["monitor/repeated_4gram"],
         "distinct_2": monitors["monitor/distinct_2"],
         "b_capscore": harmonic_mean([means["precision"], means["recall"], means["linguistic"]]),
         "cider_d": statistics.fmean(scenes["cider_d"]),
@@ -300,7 +320,10 @@ def evaluate_model(model_path: Path, rows: list[dict], corpus: list[list[str]], 
 
 
 # The scores a held-out curve point keeps (evaluate_model's means; its captions are not kept).
-CURVE_METRICS = ("precision", "recall", "linguistic", "b_capscore", "cider_d", "length_ratio", "repeated_sentence")
+CURVE_METRICS = (
+    "precision", "recall", "linguistic", "b_capscore", "cider_d", "length_ratio", "repeated_sentence", "objects_named",
+    "objects_right",
+)  # fmt: skip
 
 
 def run_checkpoints(run_dir: Path) -> dict[int, Path]:
@@ -461,8 +484,8 @@ def main(argv: list[str] | None = None) -> None:
         # model's, which makes the evaluations faster
         settings = DemoSettings(
             output_dir=args.output_dir, seed=args.seed, train_scenes=64, test_scenes=16, sft_steps=80,
-            sft_batch_size=16, rl_steps=4, rl_learning_rate=1e-3, rl_seeds=(0, 1), eval_batch_size=16,
-            samples_in_report=2, curve_scenes=8, smoothing_window=2,
+            sft_batch_size=16, rl_steps=4, rl_prompts_per_step=2, rl_learning_rate=1e-3, rl_seeds=(0, 1),
+            eval_batch_size=16, samples_in_report=2, curve_scenes=8, smoothing_window=2,
         )  # fmt: skip
     run_demo(settings)
 

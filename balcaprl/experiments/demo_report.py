@@ -25,10 +25,13 @@ METRICS = [
     ("recall", "recall"),
     ("linguistic", "linguistic"),
     ("b_capscore", "b-CapScore"),
+    ("objects_named", "objects named per caption"),
+    ("objects_right", "objects named rightly per caption"),
     ("cider_d", "CIDEr-D"),
     ("length_ratio", "mean length ratio"),
     ("masked_fraction", f"outside {WINDOW_TEXT}"),
     ("repeated_sentence", "captions with a repeated sentence"),
+    ("repeated_4gram", "repeated 4-grams (seq-rep-4)"),
     ("distinct_2", "distinct-2 (all captions)"),
 ]
 
@@ -113,10 +116,12 @@ def plot_heldout_curve(curves: dict[int, list[dict[str, Any]]], path: Path, scen
         ("recall", "recall"),
         ("linguistic", "linguistic"),
         ("b_capscore", "b-CapScore"),
+        ("objects_named", "objects named per caption"),
+        ("objects_right", "objects named rightly per caption"),
         ("repeated_sentence", "captions with a repeated sentence"),
         ("length_ratio", "mean length ratio"),
     ]
-    figure, axes = plt.subplots(2, 3, figsize=(12, 6.4))
+    figure, axes = plt.subplots(2, 4, figsize=(16, 6.4))
     for axis, (key, label) in zip(axes.flat, keys):
         for seed, points in curves.items():
             steps = [p["step"] for p in points if key in p]
@@ -166,13 +171,13 @@ def _heldout_lines(settings: DemoSettings, curve: dict[str, Any]) -> list[str]:
         "",
         "![held-out scores during RL](heldout_curve.png)",
         "",
-        "| seed | step | precision | recall | linguistic | b-CapScore |",
-        "|---|---|---|---|---|---|",
+        "| seed | step | precision | recall | linguistic | b-CapScore | objects named (rightly) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for seed, points in curve["per_seed"].items():
         lines += [
             f"| {seed} | {p['step']} | {p['precision']:.3f} | {p['recall']:.3f} | {p['linguistic']:.3f} "
-            f"| {p['b_capscore']:.3f} |"
+            f"| {p['b_capscore']:.3f} | {p['objects_named']:.2f} ({p['objects_right']:.2f}) |"
             for p in points
         ]
     lines.append("")
@@ -221,6 +226,12 @@ def _sample_lines(root: Path, settings: DemoSettings, results: dict[str, Any]) -
     return lines
 
 
+def _objects_text(settings: DemoSettings) -> str:
+    if settings.min_objects == settings.max_objects:
+        return f"{settings.min_objects} object{'s' if settings.min_objects > 1 else ''}"
+    return f"{settings.min_objects}–{settings.max_objects} objects"
+
+
 def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], timings: dict[str, float]) -> Path:
     before, after = results["sft"], [results["rl"][seed] for seed in settings.rl_seeds]
     lines = [
@@ -231,6 +242,10 @@ def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], ti
         f"rewards (`world_precision`, `world_recall`, `world_linguistic`), {settings.advantage_estimator} advantages, "
         f"linguistic masked outside the length window {WINDOW_TEXT}. RL seeds: {list(settings.rl_seeds)}. "
         f"Machine: {os.cpu_count()} CPU cores. Greedy captions on the held-out scenes.",
+        "",
+        f"World: {_objects_text(settings)} per scene; references in the {', '.join(settings.reference_styles)} "
+        f"style{'s' if len(settings.reference_styles) > 1 else ''}, {settings.omission_rate:.0%} of them leaving out "
+        f"one {' or '.join(settings.omission_kinds)} that the exact rewards, which see the whole scene, still count.",
         "",
         "| metric | stage 1 (SFT) | BalCapRL, mean ± std over seeds | per seed | gain |",
         "|---|---|---|---|---|",

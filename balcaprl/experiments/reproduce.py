@@ -266,8 +266,11 @@ def run_reproduce(settings: ReproduceSettings) -> Path:
     started = time.monotonic()
     _log("world data, tiny model, stage 1")
     train, test, base_model = prepare_world(settings.base, root)
+    # the validation scenes of the sweep come from the same world, at the same image size, as train and test
     validation = write_jsonl(
-        make_split("validation", settings.validation_scenes, seed=settings.base.seed), root / "data" / "validation"
+        make_split("validation", settings.validation_scenes, settings.base.seed, settings.base.world_config()),
+        root / "data" / "validation",
+        settings.base.image_size,
     )
     corpus_file = root / "data" / "corpus_references.json"
     corpus_file.write_text(json.dumps(corpus_references(load_caption_dataset(train))))

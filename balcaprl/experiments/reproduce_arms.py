@@ -110,7 +110,7 @@ class ReproduceSettings:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     sweep_learning_rates: tuple[float, ...] = (2e-5, 5e-5, 1e-4)
     sweep_seeds: tuple[int, ...] = (100, 101)
-    sweep_steps: int = 60  # a short sweep: half the arms' steps
+    sweep_steps: int = 30  # a short sweep: half the arms' steps (DemoSettings.rl_steps)
     validation_scenes: int = 100
     parallel: int = field(default_factory=lambda: os.cpu_count() or 1)  # one single-threaded run per core
     bootstrap_draws: int = 4000
