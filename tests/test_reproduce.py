@@ -156,6 +156,13 @@ def test_quick_reproduce_twice_gives_identical_results(tmp_path):
         ]
         assert captions[0] == captions[1]
 
+    # the sweep's validation scenes come from the demo's world, at its image size, like the train and test scenes
+    lines = (first / "data" / "validation" / "data.jsonl").read_text().splitlines()
+    validation = [json.loads(line) for line in lines]
+    assert validation and all(len(row["scene"]["objects"]) == 2 for row in validation)
+    with Image.open(first / "data" / "validation" / validation[0]["image"]) as image:
+        assert image.size == (168, 168)
+
     report = (first / "results.md").read_text()
     assert "## Verdicts" in report and "**c-GDPO beats summed GRPO" not in report  # grpo_sum did not run
     assert "GRPO (paper's β 0.04, per-sequence loss) beats SCST on held-out CIDEr-D:" in report
