@@ -25,6 +25,7 @@ from balcaprl.experiments.reproduce_arms import (
 from balcaprl.experiments.reproduce_verdicts import compute_verdicts, reward_noise
 from balcaprl.monitors import distinct_ngrams
 from balcaprl.runtime import RL_CONFIG_TYPES, parse_config
+from balcaprl.world.splits import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -157,11 +158,9 @@ def test_quick_reproduce_twice_gives_identical_results(tmp_path):
         assert captions[0] == captions[1]
 
     # the sweep's validation scenes come from the demo's world, at its image size, like the train and test scenes
-    lines = (first / "data" / "validation" / "data.jsonl").read_text().splitlines()
-    validation = [json.loads(line) for line in lines]
+    validation = read_jsonl(first / "data" / "validation")
     assert validation and all(len(row["scene"]["objects"]) == 2 for row in validation)
-    with Image.open(first / "data" / "validation" / validation[0]["image"]) as image:
-        assert image.size == (168, 168)
+    assert {row["image"].size for row in validation} == {(168, 168)}
 
     report = (first / "results.md").read_text()
     assert "## Verdicts" in report and "**c-GDPO beats summed GRPO" not in report  # grpo_sum did not run

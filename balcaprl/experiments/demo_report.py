@@ -34,6 +34,7 @@ METRICS = [
     ("repeated_4gram", "repeated 4-grams (seq-rep-4)"),
     ("distinct_2", "distinct-2 (all captions)"),
 ]
+METRIC_LABELS = dict(METRICS)  # the one name of each metric, in the table and on the plots
 
 
 # Panels of the training curves besides the rewards: the length mask's share and the reward-hacking monitors
@@ -111,18 +112,11 @@ def plot_heldout_curve(curves: dict[int, list[dict[str, Any]]], path: Path, scen
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [
-        ("precision", "precision"),
-        ("recall", "recall"),
-        ("linguistic", "linguistic"),
-        ("b_capscore", "b-CapScore"),
-        ("objects_named", "objects named per caption"),
-        ("objects_right", "objects named rightly per caption"),
-        ("repeated_sentence", "captions with a repeated sentence"),
-        ("length_ratio", "mean length ratio"),
-    ]
+    keys = ["precision", "recall", "linguistic", "b_capscore", "objects_named", "objects_right", "repeated_sentence",
+            "length_ratio"]  # fmt: skip
     figure, axes = plt.subplots(2, 4, figsize=(16, 6.4))
-    for axis, (key, label) in zip(axes.flat, keys):
+    for axis, key in zip(axes.flat, keys):
+        label = METRIC_LABELS[key]
         for seed, points in curves.items():
             steps = [p["step"] for p in points if key in p]
             axis.plot(steps, [p[key] for p in points if key in p], marker="o", label=f"seed {seed}")
@@ -150,7 +144,7 @@ def plot_before_after(before: dict, after: list[dict], path: Path) -> Path:
     axis.bar([p - 0.2 for p in positions], [before[key] for key in keys], width=0.4, label="stage 1 (SFT)")
     axis.bar([p + 0.2 for p in positions], [m for m, _ in means], width=0.4, yerr=[s for _, s in means],
              label="BalCapRL (mean ± std over seeds)")  # fmt: skip
-    axis.set_xticks(list(positions), ["precision", "recall", "linguistic", "b-CapScore"])
+    axis.set_xticks(list(positions), [METRIC_LABELS[key] for key in keys])
     axis.set_ylim(0, 1)
     axis.legend(loc="lower right")
     figure.tight_layout()
