@@ -16,6 +16,7 @@ from PIL import Image
 
 from balcaprl.data.loading import load_caption_dataset
 from balcaprl.data.recaption import main
+from balcaprl.judge import token_cost
 from tests.loopback_server import ChatRequestHandler, LoopbackChatServer, chat_completion_body
 
 NUM_IMAGES = 10
@@ -93,7 +94,7 @@ def test_faults_listed_then_resumed_with_only_the_missing_images(images, tmp_pat
     assert names == sorted(f"../images/part{i % 2}/{i:02d}.png" for i in range(NUM_IMAGES))
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary.startswith("captioned 7, failed 3 (listed in ")
-    assert "skipped (already done) 0" in summary and "tokens: prompt 700 completion 140" in summary
+    assert "skipped (already done) 0" in summary and "tokens: prompt 700 completion 140, requests" in summary
 
     with CaptionServer() as healthy:
         assert run(images, output, healthy) == 0
@@ -140,7 +141,16 @@ def test_output_loads_for_training_and_cache_answers_a_second_output(images, tmp
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_folder", "unwritable_output", "not_jsonl", "missing_model", "bad_prompt_version", "unset_key"],
+    [
+        "missing_folder",
+        "unwritable_output",
+        "not_jsonl",
+        "missing_model",
+        "bad_prompt_version",
+        "unset_key",
+        "negative_price",
+        "one_price",
+    ],
 )
 def test_bad_arguments_one_line_exit_2(case, images, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RECAPTION_TEST_KEY", raising=False)
@@ -157,12 +167,28 @@ def test_bad_arguments_one_line_exit_2(case, images, tmp_path, capsys, monkeypat
         extra = []
     elif case == "bad_prompt_version":
         extra += ["--prompt-version", "v999"]
+    elif case == "negative_price":
+        extra += ["--price-per-million-tokens", "-1", "2"]
+    elif case == "one_price":
+        extra += ["--price-per-million-tokens", "0.25"]
     else:
         extra += ["--api-key-env", "RECAPTION_TEST_KEY"]
     assert main([source, "--output", output, "--base-url", "http://127.0.0.1:9/v1", *extra]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert captured.err.startswith("balcaprl data recaption: error: ")
+    if case.endswith("price"):
+        assert "--price-per-million-tokens" in captured.err
+
+
+def test_price_turns_the_tokens_into_a_cost_in_the_summary(images, tmp_path, capsys):
+    """10 answers of 100 prompt / 20 completion tokens at 0.25 / 2.0 per million: 1000 × 0.25 + 200 × 2 = 650 per
+    million tokens, 0.00065."""
+    with CaptionServer() as server:
+        assert run(images, tmp_path / "out.jsonl", server, "--price-per-million-tokens", "0.25", "2.0") == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "tokens: prompt 1000 completion 200, cost 0.00065, requests 10" in summary
+    assert token_cost(1000, 200, (0.25, 2.0)) == pytest.approx(0.00065)  # the public helper the summary uses
 
 
 def test_list_file_and_jsonl_inputs_and_request_body(images, tmp_path):

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from balcaprl.judge.client import JudgeClient
+from balcaprl.judge.config import price_pair, token_cost
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cache-dir", help="on-disk answer cache (as the judge's judge_cache_dir)")
     parser.add_argument("--max-images", type=int, help="caption at most the first N images of IMAGES")
+    parser.add_argument(
+        "--price-per-million-tokens",
+        type=float,
+        nargs=2,
+        metavar=("INPUT", "OUTPUT"),
+        help="what the server charges per million prompt and completion tokens, for the cost in the summary line",
+    )
     return parser
 
 
@@ -341,6 +349,13 @@ def _prepare(arguments: argparse.Namespace) -> tuple[list[Path], Path, CaptionCl
     except OSError as error:
         raise BadArguments(f"cannot write --output {str(output)!r}: {error.strerror or error}.") from None
     try:
+        price = price_pair(arguments.price_per_million_tokens)
+    except ValueError:
+        raise BadArguments(
+            "--price-per-million-tokens must be two finite numbers >= 0 (input and output price per million tokens), "
+            f"got {arguments.price_per_million_tokens}."
+        ) from None
+    try:
         client = CaptionClient(
             arguments.base_url,
             arguments.model,
@@ -352,6 +367,7 @@ def _prepare(arguments: argparse.Namespace) -> tuple[list[Path], Path, CaptionCl
             temperature=arguments.temperature,
             max_tokens=arguments.max_tokens,
             max_tokens_parameter=arguments.max_tokens_parameter,
+            price_per_million_tokens=price,
         )
     except ValueError as error:  # the judge's own checks of its arguments
         raise BadArguments(str(error)) from None
@@ -393,7 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"captioned {totals.captioned}, failed {totals.failed}"
         + (f" (listed in {failures_path(output)})" if totals.failed else "")
         + f", skipped (already done) {totals.skipped}, cache hits {client.cache_hits}, tokens: prompt "
-        f"{client.prompt_tokens} completion {client.completion_tokens}, requests {client.requests}, "
-        f"elapsed {time.monotonic() - totals.started:.1f} s"
+        f"{client.prompt_tokens} completion {client.completion_tokens}"
+        + (
+            f", cost {token_cost(client.prompt_tokens, client.completion_tokens, client.price_per_million_tokens):.6g}"
+            if client.price_per_million_tokens
+            else ""
+        )
+        + f", requests {client.requests}, elapsed {time.monotonic() - totals.started:.1f} s"
     )
     return 1 if totals.failed else 0

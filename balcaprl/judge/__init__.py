@@ -14,6 +14,7 @@ __all__ = [
     "extract_json_object",
     "image_message_part",
     "judge_guard_callbacks",
+    "token_cost",
 ]
 
 __getattr__, __dir__ = lazy_exports(
@@ -28,5 +29,6 @@ __getattr__, __dir__ = lazy_exports(
         "JudgeUnavailableError": "guard",
         "check_judges": "guard",
         "judge_guard_callbacks": "guard",
+        "token_cost": "config",
     },
 )
