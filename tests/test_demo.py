@@ -76,6 +76,19 @@ def test_quick_demo_writes_the_report(quick_demo):
                    "moving average over 2 steps", "| objects named per caption |",
                    "| objects named rightly per caption |", "World: 2 objects per scene"):  # fmt: skip
         assert needle in report
+    # the demo's references name the large shape before the small one (DemoSettings.large_first)
+    assert "large shapes named before small ones" in report
+    from balcaprl.world.captions import parse_caption
+    from balcaprl.world.scene import Scene
+    from balcaprl.world.splits import read_jsonl
+
+    orders = []
+    for row in read_jsonl(tmp_path / "data" / "train" / "data.jsonl"):
+        scene = Scene.from_dict(row["scene"])
+        for reference in row["references"]:
+            names = dict.fromkeys(c.subject for c in parse_caption(reference).claims if c.kind == "object")
+            orders.append([scene.object_named(name).size for name in names])
+    assert any(len(set(sizes)) == 2 for sizes in orders) and all(sizes == sorted(sizes) for sizes in orders)
     # the sample scenes are shown as the images the models saw, beside captions with their exact scores
     assert '<img src="samples/scene_0.png"' in report and "(P " in report
     with Image.open(tmp_path / "samples" / "scene_0.png") as image:

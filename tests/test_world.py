@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -218,6 +219,31 @@ class TestGrammar:
                         assert fact in claims, (reference, fact)
         with pytest.raises(ValueError, match="omission_kinds"):
             WorldConfig(omission_kinds=("colour",))
+
+    def test_large_first_names_large_shapes_before_small_ones(self):
+        """With large_first no reference names a small shape before a large one (random order does), and the rest of
+        the world — scenes, styles, omissions — is drawn the same. (The relational style orders by its relations.)"""
+
+        def named_sizes(config):
+            scenes = make_split("train", 120, seed=4, config=config)
+            orders = []
+            for scene in scenes:
+                for reference in scene.references:
+                    names = dict.fromkeys(c.subject for c in parse_caption(reference).claims if c.kind == "object")
+                    orders.append([scene.object_named(name).size for name in names])
+            return scenes, orders
+
+        config = WorldConfig(min_objects=2, omission_rate=0.5, styles=("terse", "located", "sentences", "full"))
+        plain_scenes, plain = named_sizes(config)
+        large_scenes, large = named_sizes(dataclasses.replace(config, large_first=True))
+        assert [scene.key() for scene in large_scenes] == [scene.key() for scene in plain_scenes]
+        assert [len(sizes) for sizes in large] == [len(sizes) for sizes in plain]  # the same omissions
+        mixed = [sizes for sizes in large if len(set(sizes)) == 2]
+        assert mixed and all(sizes == sorted(sizes) for sizes in mixed)  # "large" sorts before "small"
+        assert any(sizes != sorted(sizes) for sizes in plain if len(set(sizes)) == 2)
+        rng = random.Random(0)
+        assert all(describe(TWO, "terse", rng, large_first=True).endswith("blue square and a small red circle.")
+                   for _ in range(20))  # fmt: skip
 
     def test_omission_rate_is_respected(self):
         rng = random.Random(0)

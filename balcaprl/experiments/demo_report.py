@@ -239,7 +239,8 @@ def write_report(root: Path, settings: DemoSettings, results: dict[str, Any], ti
         "",
         f"World: {_objects_text(settings)} per scene; references in the {', '.join(settings.reference_styles)} "
         f"style{'s' if len(settings.reference_styles) > 1 else ''}, {settings.omission_rate:.0%} of them leaving out "
-        f"one {' or '.join(settings.omission_kinds)} that the exact rewards, which see the whole scene, still count.",
+        f"one {' or '.join(settings.omission_kinds)} that the exact rewards, which see the whole scene, still count"
+        + ("; large shapes named before small ones." if settings.large_first else "."),
         "",
         "| metric | stage 1 (SFT) | BalCapRL, mean ± std over seeds | per seed | gain |",
         "|---|---|---|---|---|",

@@ -70,6 +70,7 @@ def describe(
     rng: random.Random | None = None,
     omit: bool = False,
     omission_kinds: Sequence[str] = OMISSION_KINDS,
+    large_first: bool = False,
 ) -> str:
     """A caption of ``scene`` in one of `STYLES`; every claim it makes is true.
 
@@ -81,12 +82,16 @@ def describe(
 
     ``omit`` leaves out one object (with its relations), one size or one region that the style would state, of the
     kinds in ``omission_kinds`` (nothing when the caption has none of them, e.g. an object of a one-object scene).
+    The objects come in random order, or with ``large_first`` the large ones before the small ones (in random order
+    within a size), as people name the most salient thing first.
     """
     if style not in STYLES:
         raise ValueError(f"Unknown caption style {style!r}; choose one of {list(STYLES)}.")
     rng = rng or random.Random(0)
     objects = list(scene.objects)
     rng.shuffle(objects)
+    if large_first:
+        objects.sort(key=lambda obj: obj.size != "large")  # stable: the shuffle still orders each size
     sized = {obj.name for obj in objects}
     shows_place = style in ("located", "sentences", "full") or (style == "relational" and len(objects) == 1)
     placed = {obj.name for obj in objects} if shows_place else set()

@@ -47,6 +47,8 @@ class WorldConfig:
             ("object",) an omitting reference of a one-object scene leaves nothing out.
         styles: reference styles to draw from (each scene uses distinct styles while it can); see `describe`.
         jitter: maximum offset of a shape inside its region, as a fraction of the image side (≤ 0.02).
+        large_first: references name large objects before small ones, as people name the most salient thing
+            first (`describe`); False: in random order.
     """
 
     min_objects: int = 1
@@ -57,6 +59,7 @@ class WorldConfig:
     omission_kinds: tuple[str, ...] = OMISSION_KINDS
     styles: tuple[str, ...] = STYLES
     jitter: float = MAX_JITTER
+    large_first: bool = False
 
     def __post_init__(self):
         if not 1 <= self.min_objects <= self.max_objects <= len(POSITIONS):
@@ -102,7 +105,14 @@ def reference_captions(scene: Scene, rng: random.Random, config: WorldConfig | N
     while len(styles) < count:
         styles += rng.sample(config.styles, len(config.styles))
     return tuple(
-        describe(scene, style, rng, omit=rng.random() < config.omission_rate, omission_kinds=config.omission_kinds)
+        describe(
+            scene,
+            style,
+            rng,
+            omit=rng.random() < config.omission_rate,
+            omission_kinds=config.omission_kinds,
+            large_first=config.large_first,
+        )
         for style in styles[:count]
     )
 
