@@ -85,8 +85,8 @@ class DemoSettings:
     num_generations: int = 8
     max_completion_length: int = 40
     # at 1e-4 RL's noisy steps also moved words it had no reason to move ("a large X and a small Y" when both shapes
-    # are large): precision fell 0.03-0.07; at 3e-5 RL makes the same switch to two objects within 60 steps and
-    # precision falls 0.01-0.03 (docs/demo.md, "What RL needed")
+    # are large): with references in random order precision fell 0.03-0.07; at 3e-5 RL makes the same switch to two
+    # objects within 60 steps and precision fell 0.01-0.03 (docs/demo.md, "What RL needed")
     rl_learning_rate: float = 3e-5
     rl_max_seconds: float = 60.0
     advantage_estimator: str = "c_gdpo"
